@@ -1,0 +1,5 @@
+import sys
+
+from folderd.cli import main
+
+sys.exit(main())

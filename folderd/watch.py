@@ -1,0 +1,352 @@
+"""Watching inboxes: which files are there, and which are complete enough to take.
+
+Each folder has a watcher thread. inotify events (watchdog) are only hints that make it
+look sooner; the truth is a full scan at start and every `rescan` seconds (watchdog drops
+inotify overflows silently), or every `poll_interval` seconds on network and FUSE mounts,
+where another host's writes raise no events at all.
+
+A file is offered to the daemon when its size, mtime and ctime have not changed for
+`settle` seconds and it is a whole image (its end marker is there). A file that settles
+but is not whole yet (a scanner pausing between pages) is kept waiting; only after
+`incomplete_timeout` without any change is it offered as truncated, to fail with a reason.
+"""
+
+from __future__ import annotations
+
+import errno
+import fnmatch
+import os
+import queue
+import stat
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from folderd import logs
+from folderd.config import BUILTIN_IGNORES, FolderRule
+from folderd.imaging import completeness
+
+log = logs.get("folderd.watch")
+
+WORK_DIR = ".folderd"
+NETWORK_FILESYSTEMS = {
+    "nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "afs", "ceph", "glusterfs", "lustre",
+    "davfs", "vboxsf", "virtiofs", "ncpfs", "coda", "gpfs", "beegfs",
+}
+RETRY_EMIT_AFTER = 30.0
+Signature = tuple[int, int, int, int]
+
+
+@dataclass
+class Candidate:
+    """A file the watcher thinks is ready to be claimed."""
+
+    folder: str
+    relpath: str
+    signature: Signature
+    verdict: str   # complete | invalid | incomplete (gave up waiting)
+    reason: str
+
+
+@dataclass
+class _Entry:
+    signature: Signature
+    stable_since: float
+    incomplete_since: float | None = None
+    incomplete_reason: str = ""
+    emitted: Signature | None = None
+    emitted_at: float = 0.0
+
+
+def mount_of(path: Path, mountinfo: str = "/proc/self/mountinfo") -> tuple[str, str]:
+    """Return (mount point, filesystem type) of the mount holding `path`."""
+    target = os.path.realpath(path)
+    best = ("/", "unknown")
+    try:
+        with open(mountinfo, encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                fields = line.split()
+                if " - " not in line or len(fields) < 5:
+                    continue
+                point = fields[4].replace("\\040", " ")
+                fstype = line.split(" - ", 1)[1].split()[0]
+                if (target == point or target.startswith(point.rstrip("/") + "/")) and len(point) >= len(best[0]):
+                    best = (point, fstype)
+    except OSError:
+        pass
+    return best
+
+
+def choose_method(rule: FolderRule) -> tuple[str, str]:
+    """Return ("native" | "poll", why) for a folder's inbox."""
+    if rule.watch == "native":
+        return "native", "watch: native in the config"
+    if rule.watch == "poll":
+        return "poll", "watch: poll in the config"
+    probe_path = rule.inbox if rule.inbox.exists() else rule.inbox.parent
+    point, fstype = mount_of(probe_path)
+    if fstype in NETWORK_FILESYSTEMS or fstype.startswith("fuse") or fstype.startswith("nfs"):
+        return "poll", f"{fstype} mount at {point}: another host's writes raise no inotify events"
+    return "native", f"{fstype} mount at {point}"
+
+
+def matches(name: str, patterns: tuple[str, ...]) -> bool:
+    lowered = name.lower()
+    return any(fnmatch.fnmatchcase(lowered, pattern.lower()) for pattern in patterns)
+
+
+class FolderWatcher(threading.Thread):
+    """Scans one inbox, tracks files until they settle, and hands complete ones to `emit`."""
+
+    def __init__(
+        self,
+        rule: FolderRule,
+        emit: Callable[[Candidate], None],
+        *,
+        once: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__(name=f"watch-{rule.name}", daemon=True)
+        self.rule = rule
+        self.emit = emit
+        self.once = once
+        self.clock = clock
+        self.method, self.method_reason = ("poll", "folderd once scans") if once else choose_method(rule)
+        self.hints: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self.stopping = threading.Event()
+        self.initial_done = threading.Event()
+        self.heartbeat = clock()
+        self.last_scan: float | None = None      # wall-clock time of the last full scan
+        self.unavailable: str | None = None      # why the inbox cannot be read, while it cannot
+        self._entries: dict[str, _Entry] = {}
+        self._warned: set[str] = set()
+        self._initial: set[str] | None = None
+        self._ignores = BUILTIN_IGNORES + rule.ignore
+        self._failures = 0
+
+    # ------------------------------------------------------------------ control
+
+    def hint(self, relpath: str | None = None) -> None:
+        """Something happened at `relpath` (or somewhere, with None): look soon."""
+        self.hints.put(relpath)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.hints.put(None)
+
+    def fall_back_to_polling(self, reason: str) -> None:
+        self.method, self.method_reason = "poll", reason
+        self.hint(None)
+
+    # ------------------------------------------------------------------ loop
+
+    def run(self) -> None:
+        next_scan = self.clock()
+        while not self.stopping.is_set():
+            now = self.clock()
+            self.heartbeat = now
+            full = now >= next_scan
+            try:
+                if full:
+                    self._scan()
+                    self._failures = 0
+                    period = self.rule.poll_interval if self.method == "poll" else self.rule.rescan
+                    next_scan = self.clock() + period
+                self._check_due()
+            except Exception as error:  # the thread must outlive any surprise from the filesystem
+                self._failures += 1
+                backoff = min(60.0, 0.5 * 2 ** min(self._failures, 7))
+                self._report_unavailable(error)
+                next_scan = self.clock() + backoff
+            timeout = max(0.0, min(next_scan, self._next_due()) - self.clock())
+            try:
+                relpath = self.hints.get(timeout=min(timeout, 1.0))
+            except queue.Empty:
+                continue
+            paths: set[str | None] = {relpath}
+            while True:  # take every hint that is waiting, then act once
+                try:
+                    paths.add(self.hints.get_nowait())
+                except queue.Empty:
+                    break
+            if None in paths:
+                next_scan = min(next_scan, self.clock())
+            for path in paths:
+                if path is not None and not self.once:
+                    self._look_at(path)
+
+    def _report_unavailable(self, error: Exception) -> None:
+        reason = f"{type(error).__name__}: {error}"
+        if self.unavailable is None:
+            log.error("inbox unavailable; retrying with backoff", folder=self.rule.name, inbox=str(self.rule.inbox), error=reason)
+        self.unavailable = reason
+
+    # ------------------------------------------------------------------ scanning
+
+    def _scan(self) -> None:
+        inbox = self.rule.inbox
+        info = os.stat(inbox)
+        if not stat.S_ISDIR(info.st_mode):
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(inbox))
+        seen: dict[str, os.stat_result] = {}
+        self._walk(inbox, "", seen)
+        now = self.clock()
+        if self.unavailable is not None:
+            log.info("inbox available again", folder=self.rule.name, inbox=str(inbox))
+            self.unavailable = None
+        for relpath in list(self._entries):
+            if relpath not in seen:
+                del self._entries[relpath]
+        if self.once:
+            if self._initial is None:
+                self._initial = set(seen)
+            seen = {relpath: item for relpath, item in seen.items() if relpath in self._initial}
+            self._initial &= set(seen)
+        for relpath, item in seen.items():
+            self._observe(relpath, item, now)
+        self.last_scan = time.time()
+        self._update_initial()
+
+    def _walk(self, directory: Path, prefix: str, seen: dict[str, os.stat_result]) -> None:
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                name = entry.name
+                if matches(name, self._ignores) or name == WORK_DIR:
+                    continue
+                relpath = prefix + name
+                try:
+                    info = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                if stat.S_ISDIR(info.st_mode):
+                    if self.rule.recursive:
+                        self._walk(Path(entry.path), relpath + "/", seen)
+                    continue
+                if not matches(name, self.rule.include):
+                    continue
+                if not self._acceptable(relpath, info):
+                    continue
+                seen[relpath] = info
+
+    def _acceptable(self, relpath: str, info: os.stat_result) -> bool:
+        """Only regular files with one link: a planted symlink or hard link could expose another file."""
+        problem = None
+        if stat.S_ISLNK(info.st_mode):
+            problem = "a symbolic link; folderd only takes regular files"
+        elif not stat.S_ISREG(info.st_mode):
+            problem = "not a regular file (a FIFO, socket or device)"
+        elif info.st_nlink > 1:
+            problem = f"a file with {info.st_nlink} hard links; folderd only takes files with one link"
+        if problem is None:
+            self._warned.discard(relpath)
+            return True
+        if relpath not in self._warned:
+            self._warned.add(relpath)
+            log.warning("skipping file", folder=self.rule.name, file=relpath, reason=problem)
+        return False
+
+    def _look_at(self, relpath: str) -> None:
+        """An event named this path: stat it now instead of waiting for the next scan."""
+        name = relpath.rsplit("/", 1)[-1]
+        parts = relpath.split("/")
+        if (not self.rule.recursive and len(parts) > 1) or any(matches(part, self._ignores) or part == WORK_DIR for part in parts):
+            return
+        if not matches(name, self.rule.include):
+            return
+        try:
+            info = os.lstat(self.rule.inbox / relpath)
+        except OSError:
+            self._entries.pop(relpath, None)
+            return
+        if stat.S_ISREG(info.st_mode) and self._acceptable(relpath, info):
+            self._observe(relpath, info, self.clock())
+
+    def _observe(self, relpath: str, info: os.stat_result, now: float) -> None:
+        signature = (info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino)
+        entry = self._entries.get(relpath)
+        if entry is None:
+            self._entries[relpath] = _Entry(signature, now)
+        elif entry.signature != signature:
+            entry.signature = signature
+            entry.stable_since = now
+            entry.incomplete_since = None
+
+    # ------------------------------------------------------------------ settling
+
+    def _due_time(self, entry: _Entry) -> float:
+        if entry.emitted == entry.signature:
+            return entry.emitted_at + RETRY_EMIT_AFTER
+        if entry.incomplete_since is not None:
+            return entry.incomplete_since + self.rule.incomplete_timeout
+        return entry.stable_since + self.rule.settle
+
+    def _next_due(self) -> float:
+        return min((self._due_time(entry) for entry in self._entries.values()), default=float("inf"))
+
+    def _check_due(self) -> None:
+        now = self.clock()
+        for relpath, entry in list(self._entries.items()):
+            if self._due_time(entry) > now:
+                continue
+            path = self.rule.inbox / relpath
+            try:
+                info = os.lstat(path)
+            except OSError:
+                del self._entries[relpath]
+                continue
+            signature = (info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino)
+            if signature != entry.signature:
+                self._observe(relpath, info, now)
+                continue
+            if entry.incomplete_since is not None and now - entry.incomplete_since >= self.rule.incomplete_timeout:
+                self._offer(relpath, entry, "incomplete", entry.incomplete_reason, now)
+                continue
+            verdict, reason = completeness(path)
+            if verdict == "incomplete":
+                if entry.incomplete_since is None:
+                    entry.incomplete_since = now
+                    entry.incomplete_reason = reason
+                    log.info("waiting for the file to be complete", folder=self.rule.name, file=relpath, reason=reason)
+                if self.rule.incomplete_timeout <= 0:
+                    self._offer(relpath, entry, "incomplete", reason, now)
+                continue
+            self._offer(relpath, entry, verdict, reason, now)
+        self._update_initial()
+
+    def _offer(self, relpath: str, entry: _Entry, verdict: str, reason: str, now: float) -> None:
+        entry.emitted = entry.signature
+        entry.emitted_at = now
+        if self._initial is not None:
+            self._initial.discard(relpath)
+        self.emit(Candidate(self.rule.name, relpath, entry.signature, verdict, reason))
+
+    def _update_initial(self) -> None:
+        if self.once and self._initial is not None:
+            self._initial &= set(self._entries)
+            if not self._initial:
+                self.initial_done.set()
+
+    def forget(self, relpath: str) -> None:
+        """Called from the daemon's thread after a failed claim: offer the file again later."""
+        self.hint(relpath)
+
+
+def make_handler(watcher: FolderWatcher) -> Any:
+    """A watchdog event handler that turns every event under the inbox into a hint."""
+    from watchdog.events import FileSystemEventHandler
+
+    inbox = os.fspath(watcher.rule.inbox)
+
+    class Handler(FileSystemEventHandler):  # type: ignore[misc]
+        def on_any_event(self, event: Any) -> None:
+            if event.event_type in ("opened", "closed_no_write"):
+                return
+            for path in (getattr(event, "src_path", ""), getattr(event, "dest_path", "")):
+                path = os.fsdecode(path)
+                if path and path.startswith(inbox + os.sep):
+                    watcher.hint(os.path.relpath(path, inbox).replace(os.sep, "/"))
+
+    return Handler()
