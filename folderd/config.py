@@ -312,7 +312,9 @@ class _Problems:
 
     def add(self, where: tuple[Any, ...], message: str) -> None:
         line = _nearest_line(self.lines, where)
-        self.items.append((line, f"{self.file}:{line}: {_key_path(where) or '(top level)'}: {message}"))
+        item = (line, f"{self.file}:{line}: {_key_path(where) or '(top level)'}: {message}")
+        if item not in self.items:  # a bad `defaults` key is checked once per folder: say it once
+            self.items.append(item)
 
     def raise_if_any(self) -> None:
         if self.items:
@@ -404,7 +406,8 @@ def _section(data: Any, keys: dict[str, Option], where: tuple[Any, ...], problem
         data = {}
     if not isinstance(data, dict):
         problems.add(where, "must be a mapping")
-        return result
+        # Defaults stand in, so that callers reading result[key] still see every key.
+        return {key: option.default for key, option in keys.items()}
     for key in data:
         if key not in keys:
             problems.add((*where, key), f"unknown key (known: {', '.join(sorted(keys))})")
