@@ -1,4 +1,4 @@
-"""The `folderd` command: run, once, status, check.
+"""The `folderd` command: run, once, status, check, plan, retry.
 
 Exit codes: 0 success; 1 `once` finished with failed files, or `check` found problems;
 2 configuration or usage error; 3 `once` stopped because the API refused the key or
@@ -29,12 +29,17 @@ def _parser() -> argparse.ArgumentParser:
         "once": "take every file now in the inboxes, finish every job, exit",
         "status": "show queued, in-flight, delivered and failed jobs (read-only)",
         "check": "validate the configuration and the environment",
+        "plan": "dry run: what would happen to each file in the inboxes, and its estimated credits",
+        "retry": "move failed files back into their inbox (and remove their error sidecars)",
     }
     for name, text in helps.items():
         command = commands.add_parser(name, help=text, description=text)
         command.add_argument("-c", "--config", help=f"config file (default: $FOLDERD_CONFIG, then {DEFAULT_CONFIG_PATH})")
-        if name == "status":
+        if name in ("status", "plan"):
             command.add_argument("--json", action="store_true", help="machine-readable output (a stable format)")
+        if name == "retry":
+            command.add_argument("--folder", help="only this folder")
+            command.add_argument("files", nargs="*", metavar="FILE", help="failed files (relative path or name); default: all")
         if name in ("run", "once"):
             command.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="override log.level")
             command.add_argument("--log-format", choices=["auto", "console", "json"], help="override log.format")
@@ -60,6 +65,23 @@ def main(argv: list[str] | None = None) -> int:
         return Daemon(config, once=arguments.command == "once").run()
     if arguments.command == "status":
         return _status(config, arguments.json)
+    if arguments.command == "plan":
+        from folderd.plan import plan, render
+
+        entries = plan(config)
+        print(json.dumps(entries, indent=2) if arguments.json else render(entries))
+        return 0
+    if arguments.command == "retry":
+        from folderd.retry import retry
+
+        moved, problems = retry(config, arguments.folder, arguments.files)
+        for line in moved:
+            print(f"moved back: {line}")
+        for problem in problems:
+            print(f"folderd retry: {problem}", file=sys.stderr)
+        if not moved and not problems:
+            print("no failed files")
+        return 1 if problems else 0
     return _check(config)
 
 

@@ -13,6 +13,7 @@ import re
 import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +101,15 @@ class Target:
 
 
 @dataclass(frozen=True)
+class Budget:
+    """Credit caps; None means no cap. `low_balance` warns before the account hits 402."""
+
+    daily: Decimal | None = None
+    monthly: Decimal | None = None
+    low_balance: Decimal | None = None
+
+
+@dataclass(frozen=True)
 class FolderRule:
     """One watched inbox and what to do with the images dropped into it."""
 
@@ -123,6 +133,12 @@ class FolderRule:
     rescan: float
     output_format: str
     jpeg_quality: int
+    dedupe: bool = True
+    budget: Budget = Budget()
+
+    def recipe(self, width: int, height: int, strategy: str) -> str:
+        """What makes two results interchangeable: same engine, size, strategy and format."""
+        return f"{self.backend}|{strategy}|{width}x{height}|{self.output_format}"
 
 
 @dataclass(frozen=True)
@@ -139,6 +155,8 @@ class ClipdropSettings:
     max_attempts: int
     concurrency: int
     pause_retry: float
+    retry_backoff: float = 1.0
+    budget: Budget = Budget()
 
 
 @dataclass(frozen=True)
@@ -270,6 +288,8 @@ CLIPDROP_KEYS: dict[str, Option] = {
     "max_attempts": Option(_integer(1, 100), 6, "Tries of one call on transient faults (5xx, 429, resets) before the file fails.", 6),
     "concurrency": Option(_integer(1, 64), 8, "HTTP calls in flight at once, so latency does not waste the budget.", 8),
     "pause_retry": Option(_duration(0.05), 300.0, "After a 401/402/403, how long to wait before trying the key again.", "5m"),
+    "retry_backoff": Option(_duration(0.01), 1.0, "First wait before retrying a transient fault; doubles each try (with jitter), at most 5m.", "1s"),
+    "budget": Option(lambda value: value, {}, "Credit caps: daily, monthly (jobs wait, not fail), low_balance (warn below).", {"daily": 200, "monthly": 3000, "low_balance": 50}),
 }
 
 FOLDER_KEYS: dict[str, Option] = {
@@ -292,11 +312,35 @@ FOLDER_KEYS: dict[str, Option] = {
     "poll_interval": Option(_duration(0.05), 2.0, "Scan period when polling.", "2s"),
     "rescan": Option(_duration(0.05), 60.0, "Full scan period with native events (events can be lost).", "60s"),
     "output": Option(lambda value: value, {"format": "auto"}, "format: auto (what the backend returned) | jpeg | png | webp; jpeg_quality.", {"format": "auto"}),
+    "dedupe": Option(_boolean, True, "Serve identical content under the same rule from the earlier result (0 credits).", True),
+    "budget": Option(lambda value: value, {}, "This folder's credit caps: daily, monthly.", {"daily": 50}),
 }
 
 FOLDER_DEFAULTABLE = {key for key in FOLDER_KEYS if key not in ("name", "inbox", "outbox", "failed", "done")}
 TARGET_KEYS = {"scale", "width", "height", "long_edge", "fit"}
 OUTPUT_KEYS = {"format", "jpeg_quality"}
+BUDGET_KEYS = {"daily", "monthly", "low_balance"}
+
+
+def _budget(value: Any, where: tuple[Any, ...], problems: "_Problems", allowed: set[str]) -> Budget:
+    if value in (None, {}):
+        return Budget()
+    if not isinstance(value, dict):
+        problems.add(where, "must be a mapping such as {daily: 100, monthly: 2000}")
+        return Budget()
+    amounts: dict[str, Decimal | None] = {}
+    for key, amount in value.items():
+        if key not in allowed:
+            problems.add((*where, key), f"unknown key (known: {', '.join(sorted(allowed))})")
+            continue
+        if amount is None:
+            amounts[key] = None
+            continue
+        if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount < 0:
+            problems.add((*where, key), f"must be a number of credits >= 0, not {amount!r}")
+            continue
+        amounts[key] = Decimal(str(amount))
+    return Budget(**amounts)
 
 
 # --------------------------------------------------------------------------- loading
@@ -514,6 +558,8 @@ def _build(data: dict[str, Any], problems: _Problems, base: Path, file: Path) ->
             except ValueError as error:
                 problems.add((*output_where, "jpeg_quality"), str(error))
         inbox = resolve(values["inbox"])
+        budget_where = (*where, "budget") if "budget" in raw else ("defaults", "budget")
+        folder_budget = _budget(values["budget"], budget_where, problems, {"daily", "monthly"})
         folders.append(
             FolderRule(
                 name=values["name"],
@@ -536,6 +582,8 @@ def _build(data: dict[str, Any], problems: _Problems, base: Path, file: Path) ->
                 rescan=values["rescan"],
                 output_format=output_format,
                 jpeg_quality=jpeg_quality,
+                dedupe=values["dedupe"],
+                budget=folder_budget,
             )
         )
     if top["state_dir"] is None:
@@ -551,6 +599,8 @@ def _build(data: dict[str, Any], problems: _Problems, base: Path, file: Path) ->
         max_attempts=clip["max_attempts"],
         concurrency=clip["concurrency"],
         pause_retry=clip["pause_retry"],
+        retry_backoff=clip["retry_backoff"],
+        budget=_budget(clip["budget"], ("clipdrop", "budget"), problems, BUDGET_KEYS),
     )
     return Config(
         path=file.resolve() if str(file) != "<config>" else file,

@@ -18,6 +18,7 @@ import os
 import queue
 import random
 import signal
+import sys
 import threading
 import time
 from collections import deque
@@ -29,7 +30,8 @@ from typing import Any
 from folderd import logs, steps
 from folderd.claim import ClaimRefused, adopt_orphan, claim, ensure_work_root, find_orphans
 from folderd.clipdrop import Client
-from folderd.config import Config, FolderRule, read_api_key
+from folderd.config import Config, FolderRule, load, read_api_key
+from folderd.credits import Spending
 from folderd.deliver import archive, deliver, fail, write_status_file
 from folderd.errors import ApiError, ConfigError, DurabilityError, ImageError
 from folderd.fsutil import DURABILITY_ERRNOS
@@ -131,7 +133,12 @@ class Daemon:
         self.next_watchdog = 0.0
         self.status_dirty = True
         self.pools: dict[str, WorkerPool] = {}
-        self.backoff_base = 1.0
+        self.spending = Spending()
+        self.held: dict[str, str] = {}          # job id -> why a credit cap holds it
+        self.next_held_check = 0.0
+        self.low_balance_warned = False
+        self.results: dict[tuple[str, str], str] = {}   # (input sha256, recipe) -> job id of a delivered result
+        self.progress = Progress(sys.stderr) if once else None
 
     # ------------------------------------------------------------------ life cycle
 
@@ -166,16 +173,10 @@ class Daemon:
         self.ledger.open_for_writing()
         self.scratch.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.daemon_id = self.ledger.meta["daemon_id"]
+        self.spending = Spending(self.ledger.meta.get("spent_by_day"))
         if self.config.uses_clipdrop():
-            key, source = read_api_key(self.config.clipdrop, self.environ)
-            self.api_key_source = source
-            if key is None:
-                self._pause(f"{source}; folders using clipdrop wait", forever=True)
-            else:
-                logs.register_secret(key)
-                settings = self.config.clipdrop
-                self.client = Client(settings.base_url, key, settings.timeout, pool_size=settings.concurrency)
-        self.backoff_base = float(self.environ.get("FOLDERD_RETRY_BASE", "1.0"))
+            self._connect()
+        self.backoff_base = self.config.clipdrop.retry_backoff
         self.pools = {
             "io": WorkerPool("io", 4, self.events),
             "local": WorkerPool("local", self.config.local_workers, self.events),
@@ -204,24 +205,93 @@ class Daemon:
 
     def _start_watchers(self) -> None:
         for rule in self.config.folders:
-            watcher = FolderWatcher(rule, lambda candidate: self.events.put(("candidate", candidate)), once=self.once, clock=self.clock)
-            self.watchers[rule.name] = watcher
-        native = [watcher for watcher in self.watchers.values() if watcher.method == "native"]
-        if native:
-            from watchdog.observers import Observer
+            self._start_watcher(rule)
 
-            self.observer = Observer()
-            for watcher in native:
-                try:
-                    self.observer.schedule(make_handler(watcher), os.fspath(watcher.rule.inbox), recursive=watcher.rule.recursive)
-                except OSError as error:
-                    reason = _inotify_advice(error)
-                    log.warning("native watching failed; polling instead", folder=watcher.rule.name, reason=reason)
-                    watcher.fall_back_to_polling(reason)
-            self.observer.start()
-        for watcher in self.watchers.values():
-            log.info("watching", folder=watcher.rule.name, inbox=str(watcher.rule.inbox), method=watcher.method, why=watcher.method_reason)
-            watcher.start()
+    def _start_watcher(self, rule: FolderRule) -> None:
+        watcher = FolderWatcher(rule, lambda candidate: self.events.put(("candidate", candidate)), once=self.once, clock=self.clock)
+        self.watchers[rule.name] = watcher
+        if watcher.method == "native":
+            try:
+                if self.observer is None:
+                    from watchdog.observers import Observer
+
+                    self.observer = Observer()
+                    self.observer.start()
+                watcher.watch_handle = self.observer.schedule(make_handler(watcher), os.fspath(rule.inbox), recursive=rule.recursive)
+            except OSError as error:
+                reason = _inotify_advice(error)
+                log.warning("native watching failed; polling instead", folder=rule.name, reason=reason)
+                watcher.fall_back_to_polling(reason)
+        log.info("watching", folder=rule.name, inbox=str(rule.inbox), method=watcher.method, why=watcher.method_reason)
+        watcher.start()
+
+    def _stop_watcher(self, name: str) -> None:
+        watcher = self.watchers.pop(name, None)
+        if watcher is None:
+            return
+        watcher.stop()
+        handle = getattr(watcher, "watch_handle", None)
+        if handle is not None and self.observer is not None:
+            try:
+                self.observer.unschedule(handle)
+            except (KeyError, OSError):
+                pass
+
+    def _reload(self) -> None:
+        """SIGHUP: apply a new configuration without a restart; keep the old one if it is invalid.
+
+        Jobs in flight go on; jobs of a removed folder still finish under its old rule.
+        """
+        self.notifier.reloading()
+        try:
+            new = load(self.config.path)
+        except ConfigError as error:
+            log.error("reload rejected: the configuration has errors; the old one stays in force", errors=error.problems)
+            self.notifier.ready(self._status_line())
+            return
+        if new.state_dir != self.config.state_dir:
+            log.error("reload rejected: state_dir cannot change while running; restart folderd to move it", old=str(self.config.state_dir), new=str(new.state_dir))
+            self.notifier.ready(self._status_line())
+            return
+        old_rules = {rule.name: rule for rule in self.config.folders}
+        new_rules = {rule.name: rule for rule in new.folders}
+        added = [name for name in new_rules if name not in old_rules]
+        removed = [name for name in old_rules if name not in new_rules]
+        changed = [name for name in new_rules if name in old_rules and new_rules[name] != old_rules[name]]
+        for name in removed + changed:
+            self._stop_watcher(name)
+        self.config = new
+        self.rules.update(new_rules)
+        for name in added + changed:
+            rule = new_rules[name]
+            for path in (rule.inbox, rule.outbox, rule.done, rule.failed):
+                path.mkdir(parents=True, exist_ok=True)
+            ensure_work_root(rule.inbox, self.daemon_id)
+            self._start_watcher(rule)
+        settings = new.clipdrop
+        self.limiter.interval = 60.0 / settings.requests_per_minute
+        self.limiter.tolerance = self.limiter.interval * (max(1, settings.burst) - 1)
+        self.backoff_base = settings.retry_backoff
+        if new.uses_clipdrop():
+            self._connect()
+        self._release_held()
+        log.info("configuration reloaded", added=added, removed=removed, changed=changed)
+        self.status_dirty = True
+        self.notifier.ready(self._status_line())
+
+    def _connect(self) -> None:
+        """(Re)read the API key and build the client; pause the backend if there is no key."""
+        key, source = read_api_key(self.config.clipdrop, self.environ)
+        self.api_key_source = source
+        if key is None:
+            self.client = None
+            self._pause(f"{source}; folders using clipdrop wait", forever=True)
+            return
+        logs.register_secret(key)
+        settings = self.config.clipdrop
+        self.client = Client(settings.base_url, key, settings.timeout, pool_size=settings.concurrency)
+        if self._pause_forever:
+            self._unpause()
 
     def _recover(self) -> None:
         """Bring every unfinished job back into the schedule from its durable state."""
@@ -233,6 +303,8 @@ class Daemon:
                 self.ledger.put(job)
         for job in list(self.ledger.jobs.values()):
             self._count(None, job["state"])
+            if job["state"] == "archived":
+                self._remember_result(job)
             if job["state"] in TERMINAL_STATES:
                 continue
             if job["folder"] not in self.rules:
@@ -248,6 +320,8 @@ class Daemon:
                 log.error("a claimed file is missing from the work area", job_id=job["id"], file=job["source"], work=job["work"])
                 self._set_state(job, "failed", error={"reason": "the claimed file disappeared from the work area", "stage": "claimed"})
                 continue
+            if self.progress is not None:
+                self.progress.total += 1
             self._schedule(job)
 
     def _shutdown(self) -> None:
@@ -322,7 +396,11 @@ class Daemon:
                 log.info("stopping: no new files are taken")
             self.stopping = True
         elif kind == "reload":
-            log.info("reload requested; restart folderd to apply configuration changes")
+            if not self.stopping:
+                try:
+                    self._reload()
+                except ConfigError as error:  # an unreadable new key file
+                    log.error("reload failed", errors=error.problems)
         elif kind == "candidate":
             self._on_candidate(event[1])
         elif kind == "done":
@@ -361,6 +439,8 @@ class Daemon:
                 watcher.forget(key[1])
             return
         assert job is not None
+        if self.progress is not None:
+            self.progress.total += 1
         self.ledger.put(job)
         self._count(None, job["state"])
         self._log_job(job)
@@ -389,6 +469,8 @@ class Daemon:
 
     def _route_of(self, job: dict[str, Any]) -> tuple[str, int]:
         state = job["state"]
+        if state == "prepared" and job.get("dedupe_from"):
+            return "io", 0
         if state in ("prepared", "submitting"):
             return ("local", 0) if job.get("mode") == "local" else ("api", SUBMIT)
         if state == "submitted":
@@ -401,6 +483,9 @@ class Daemon:
         state = job["state"]
         if state == "claimed":
             return "prepare", steps.prepare
+        if state == "prepared" and job.get("dedupe_from"):
+            earlier = self.ledger.jobs.get(job["dedupe_from"], {})
+            return "copy", lambda context, job: steps.copy_result(context, job, earlier.get("output"), earlier.get("output_sha256"))
         if state in ("prepared", "submitting"):
             if job.get("mode") == "local":
                 return "local", steps.run_local
@@ -446,6 +531,9 @@ class Daemon:
             free_api = self.pools["api"].free
             while free_api > 0:
                 queue_index = next((index for index, pending in enumerate(self.queue_api) if pending), None)
+                if queue_index == SUBMIT and self._hold_if_capped(self.ledger.jobs[self.queue_api[SUBMIT][0]]):
+                    self.queue_api[SUBMIT].popleft()
+                    continue
                 if queue_index is None or not self.limiter.try_acquire(now):
                     break
                 job = self.ledger.jobs[self.queue_api[queue_index].popleft()]
@@ -504,12 +592,20 @@ class Daemon:
         remaining = updates.pop("_remaining", None)
         if remaining is not None:
             self.ledger.put_meta(credits_remaining=remaining, credits_reported_at=time.time())
+        if step == "submit" and "credits" not in updates:
+            # The API said nothing of the cost: count the estimate rather than nothing.
+            updates["credits"] = job.get("credits_estimate", "1")
+            updates["credits_reported"] = False
         if "credits" in updates:
-            spent = Decimal(self.ledger.meta.get("credits_spent", "0")) + Decimal(updates["credits"])
+            charge = Decimal(updates["credits"])
+            spent = Decimal(self.ledger.meta.get("credits_spent", "0")) + charge
             previous = job.get("credits")
             if previous is not None:  # a resubmit: both charges count
-                updates["credits"] = str(Decimal(previous) + Decimal(updates["credits"]))
-            self.ledger.put_meta(credits_spent=str(spent))
+                updates["credits"] = str(Decimal(previous) + charge)
+            self.spending.add(job["folder"], charge)
+            self.ledger.put_meta(credits_spent=str(spent), spent_by_day=self.spending.as_meta())
+        if remaining is not None:
+            self._check_low_balance(Decimal(remaining))
         if self.pause_reason is not None and step in ("submit", "poll", "fetch") and not self._pause_forever:
             log.info("the API accepts the key again; resuming", was=self.pause_reason)
             self._unpause()
@@ -521,13 +617,76 @@ class Daemon:
         if new_state == "submitted":
             updates["submitted_at"] = time.time()
         job.update(updates)
+        if step == "prepare" and self.rules[job["folder"]].dedupe:
+            earlier = self.results.get((job["sha256"], self._recipe(job)))
+            if earlier and earlier != job["id"]:
+                job["dedupe_from"] = earlier
+        if step == "copy" and job.get("dedupe_from") and "output_tmp" not in updates:
+            # The earlier result is gone or changed: make it afresh.
+            log.info("earlier identical result is gone; upscaling again", job_id=job["id"], file=job["source"])
+            self.results.pop((job["sha256"], self._recipe(job)), None)
+            job.pop("dedupe_from", None)
         self._set_state(job, new_state)
         if new_state == "submitted":
             self._schedule(job, self._first_poll_delay())
         elif new_state in ("archived", "failed"):
             steps.remove_upload(job)
+            if new_state == "archived":
+                self._remember_result(job)
         else:
             self._schedule(job)
+
+    def _recipe(self, job: dict[str, Any]) -> str:
+        width, height = job.get("target") or (0, 0)
+        return self.rules[job["folder"]].recipe(width, height, job.get("strategy", "smooth")) if job["folder"] in self.rules else ""
+
+    def _remember_result(self, job: dict[str, Any]) -> None:
+        if job.get("output") and job.get("output_sha256") and job.get("sha256") and job.get("target") and job["folder"] in self.rules:
+            self.results[(job["sha256"], self._recipe(job))] = job["id"]
+
+    def _hold_if_capped(self, job: dict[str, Any]) -> bool:
+        """Keep a submit back while it would cross a credit cap; say so once per job."""
+        rule = self.rules[job["folder"]]
+        budget = self.config.clipdrop.budget
+        if all(cap is None for cap in (budget.daily, budget.monthly, rule.budget.daily, rule.budget.monthly)):
+            return False
+        reserved = Decimal(0)
+        reserved_folder = Decimal(0)
+        for job_id in self.in_flight:
+            other = self.ledger.jobs.get(job_id)
+            if other is not None and other["state"] == "submitting":
+                estimate = Decimal(other.get("credits_estimate", "1"))
+                reserved += estimate
+                if other["folder"] == job["folder"]:
+                    reserved_folder += estimate
+        reason = self.spending.over_cap(job["folder"], Decimal(job.get("credits_estimate", "1")), reserved, reserved_folder, budget, rule.budget)
+        if reason is None:
+            if self.held.pop(job["id"], None) is not None:
+                log.info("job goes: within the credit caps again", job_id=job["id"], folder=job["folder"], file=job["source"])
+            return False
+        if self.held.get(job["id"]) != reason:
+            log.warning("job waits: credit cap", job_id=job["id"], folder=job["folder"], file=job["source"], reason=reason)
+        self.held[job["id"]] = reason
+        self.scheduled.discard(job["id"])
+        self.status_dirty = True
+        return True
+
+    def _release_held(self) -> None:
+        """Give held jobs another look (a new day, a raised cap after a reload)."""
+        for job_id in list(self.held):
+            job = self.ledger.jobs.get(job_id)
+            if job is not None and job["state"] not in TERMINAL_STATES:
+                self._schedule(job)
+
+    def _check_low_balance(self, remaining: Decimal) -> None:
+        threshold = self.config.clipdrop.budget.low_balance
+        if threshold is None:
+            return
+        if remaining < threshold and not self.low_balance_warned:
+            log.warning("credit balance is low", remaining=str(remaining), threshold=str(threshold))
+            self.low_balance_warned = True
+        elif remaining >= threshold:
+            self.low_balance_warned = False
 
     def _on_status(self, job: dict[str, Any], status: Any) -> None:
         now_wall = time.time()
@@ -618,6 +777,8 @@ class Daemon:
             self._count(old, state)
             if state == "failed":
                 self.failed_this_run += 1
+            if self.progress is not None and state in TERMINAL_STATES:
+                self.progress.finished(job)
         self.ledger.put(job)
         self._log_job(job)
         self.status_dirty = True
@@ -653,6 +814,7 @@ class Daemon:
         self.ledger.put_meta(paused=reason)
 
     def _unpause(self) -> None:
+        self._pause_forever = False
         self.pause_reason = None
         self.pause_until = 0.0
         self.ledger.put_meta(paused=None)
@@ -686,13 +848,22 @@ class Daemon:
         remaining = self.ledger.meta.get("credits_remaining")
         if remaining is not None:
             parts.append(f"{_format_credits(remaining)} credits left")
+        if self.held:
+            parts.append(f"{len(self.held)} held by a credit cap")
+        if self.low_balance_warned:
+            parts.append("LOW BALANCE")
         if self.pause_reason:
             parts.append(f"PAUSED: {self.pause_reason[:80]}")
         return ", ".join(parts)
 
     def _housekeeping(self) -> None:
         now = self.clock()
+        if self.held and now >= self.next_held_check:
+            self.next_held_check = now + 5.0
+            self._release_held()
         self.notifier.status(self._status_line())
+        if self.progress is not None:
+            self.progress.show(len(self.claiming) + len(self.claims))
         if self.notifier.watchdog_interval and now >= self.next_watchdog:
             if self._healthy(now):
                 self.notifier.watchdog()
@@ -731,6 +902,7 @@ class Daemon:
                 "paused": self.pause_reason,
                 "folders": folders,
                 "in_flight": len(self.in_flight),
+                "held": dict(self.held),
             },
         )
 
@@ -740,13 +912,52 @@ class Daemon:
         if self.claims or self.claiming or self.in_flight:
             return
         unfinished = [job for job in self.ledger.unfinished() if job["folder"] in self.rules]
-        if unfinished and not (self.pause_reason and all(self._route_of(job)[0] == "api" for job in unfinished)):
+        waiting_on_credits = all(job["id"] in self.held or (self.pause_reason and self._route_of(job)[0] == "api") for job in unfinished)
+        if unfinished and not waiting_on_credits:
             return
-        if self.pause_reason and (unfinished or self.deferred):
+        if (self.pause_reason and (unfinished or self.deferred)) or (unfinished and self.held):
             self.exit_code = EXIT_PAUSED
         elif self.failed_this_run:
             self.exit_code = EXIT_FAILED
         self.events.put(("stop",))
+
+
+class Progress:
+    """`folderd once`: a progress bar on a terminal, a plain log line per finished file otherwise."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.tty = hasattr(stream, "isatty") and stream.isatty()
+        self.total = 0
+        self.done = 0
+        self.credits = Decimal(0)
+        self.started = time.monotonic()
+        self._shown = ""
+
+    def finished(self, job: dict[str, Any]) -> None:
+        self.done += 1
+        self.credits += Decimal(job.get("credits") or "0")
+        if not self.tty:
+            log.info("progress", done=self.done, total=self.total, credits=str(self.credits), eta_seconds=self.eta())
+
+    def eta(self) -> float | None:
+        if not self.done or self.total <= self.done:
+            return None
+        return round((time.monotonic() - self.started) / self.done * (self.total - self.done), 1)
+
+    def show(self, waiting: int) -> None:
+        if not self.tty:
+            return
+        total = max(self.total + waiting, 1)
+        width = 30
+        filled = int(width * self.done / total)
+        eta = self.eta()
+        eta_text = f"ETA {int(eta // 60)}:{int(eta % 60):02d}" if eta is not None else "ETA --:--"
+        line = f"[{'#' * filled}{'.' * (width - filled)}] {self.done}/{total} files, {self.credits} credits, {eta_text}"
+        if line != self._shown:
+            self._shown = line
+            self.stream.write("\r" + line)
+            self.stream.flush()
 
 
 def _bind_claim(rule: FolderRule, candidate: Candidate, daemon_id: str) -> Callable[[], dict[str, Any]]:

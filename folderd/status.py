@@ -4,10 +4,12 @@ Safe while the daemon runs: it takes no lock and writes nothing. The JSON form
 (`--json`) is a stable interface, documented in the README:
 
   {"daemon":  {"running", "pid", "updated", "paused", "line"},
-   "credits": {"remaining", "reported_at", "spent"},
+   "credits": {"remaining", "reported_at", "spent", "spent_today", "spent_this_month",
+               "queued_estimate"},
    "folders": {NAME: {"queued", "in_flight", "delivered", "failed", "watch", "watch_reason",
                       "last_scan", "unavailable", "oldest_pending", "jobs": [
-                          {"id", "file", "state", "task_id", "age_seconds", "attempts", "error"}]}}}
+                          {"id", "file", "state", "task_id", "age_seconds", "attempts", "error",
+                           "held"}]}}}
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ import os
 import time
 from typing import Any
 
+from decimal import Decimal
+
 from folderd.config import Config
+from folderd.credits import Spending
 from folderd.ledger import LOCK, TERMINAL_STATES, read_only
 
 QUEUED = {"claimed", "prepared"}
@@ -42,6 +47,8 @@ def collect(config: Config, now: float | None = None) -> dict[str, Any]:
     except (OSError, ValueError):
         runtime = {}
     pid = _daemon_pid(config)
+    held = runtime.get("held", {}) if pid else {}
+    queued_estimate = Decimal(0)
     folders: dict[str, dict[str, Any]] = {}
     for rule in config.folders:
         watched = runtime.get("folders", {}).get(rule.name, {}) if pid else {}
@@ -65,20 +72,27 @@ def collect(config: Config, now: float | None = None) -> dict[str, Any]:
             folder["queued" if state in QUEUED else "in_flight"] += 1
             created = job.get("created", now)
             folder["oldest_pending"] = min(folder["oldest_pending"] or created, created)
+            if state in ("claimed", "prepared", "submitting"):
+                queued_estimate += Decimal(job.get("credits_estimate") or "0")
             folder["jobs"].append({
                 "id": job["id"], "file": job.get("source"), "state": state, "task_id": job.get("task_id"),
                 "age_seconds": round(now - created, 1), "attempts": job.get("attempts", 0),
-                "error": (job.get("error") or {}).get("reason"),
+                "error": (job.get("error") or {}).get("reason"), "held": held.get(job["id"]),
             })
     for folder in folders.values():
         folder["jobs"].sort(key=lambda item: -item["age_seconds"])
     meta = ledger.meta
+    spending = Spending(meta.get("spent_by_day"))
     return {
         "daemon": {
             "running": pid is not None, "pid": pid, "updated": runtime.get("updated") if pid else None,
             "paused": meta.get("paused") if pid else None, "line": runtime.get("line") if pid else None,
         },
-        "credits": {"remaining": meta.get("credits_remaining"), "reported_at": meta.get("credits_reported_at"), "spent": meta.get("credits_spent", "0")},
+        "credits": {
+            "remaining": meta.get("credits_remaining"), "reported_at": meta.get("credits_reported_at"),
+            "spent": meta.get("credits_spent", "0"), "spent_today": str(spending.today()),
+            "spent_this_month": str(spending.this_month()), "queued_estimate": str(queued_estimate),
+        },
         "folders": folders,
     }
 
@@ -109,7 +123,11 @@ def render(document: dict[str, Any], now: float | None = None) -> str:
         lines.append(f"API PAUSED: {daemon['paused']}")
     credits = document["credits"]
     remaining = credits["remaining"] if credits["remaining"] is not None else "unknown"
-    lines.append(f"credits: {remaining} left (last reported {_when(credits['reported_at'], now)}), {credits['spent']} spent")
+    lines.append(f"credits: {remaining} left (last reported {_when(credits['reported_at'], now)})")
+    lines.append(
+        f"spent: {credits['spent_today']} today, {credits['spent_this_month']} this month, {credits['spent']} in all; "
+        f"queued jobs ~{credits['queued_estimate']}"
+    )
     for name, folder in document["folders"].items():
         lines.append("")
         lines.append(f"{name}: {folder['queued']} queued, {folder['in_flight']} in flight, {folder['delivered']} delivered, {folder['failed']} failed")
@@ -122,6 +140,7 @@ def render(document: dict[str, Any], now: float | None = None) -> str:
         for job in folder["jobs"][:50]:
             task = f" task {job['task_id']}" if job["task_id"] else ""
             error = f" ({job['error']})" if job["error"] else ""
+            error += f" [waits: {job['held']}]" if job.get("held") else ""
             lines.append(f"  {job['state']:<10} {job['file']}{task}, {_age(job['age_seconds'])} old, job {job['id']}{error}")
         if len(folder["jobs"]) > 50:
             lines.append(f"  ... and {len(folder['jobs']) - 50} more")

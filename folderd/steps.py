@@ -8,6 +8,7 @@ says what to do), OSError. Only the supervisor applies updates and writes the le
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from folderd.clipdrop import Client, Credits
 from folderd.config import FolderRule
 from folderd.deliver import output_temp, sha256_file
 from folderd.errors import ApiError, ImageError
-from folderd.imaging import MIME, encode_for_upload, probe
+from folderd.imaging import MIME, encode_for_upload, format_of_bytes, probe
 from folderd.routing import ASYNC_FORMATS, MAX_UPLOAD_BYTES, SYNC_FORMATS, route
 
 
@@ -131,6 +132,39 @@ def fetch(context: Context, job: dict[str, Any]) -> dict[str, Any]:
     temp = _fresh_temp(context, job)
     kind = context.client.download(url, temp)
     return {"state": "fetched", "output_tmp": str(temp), "result_format": kind, "output_sha256": sha256_file(temp)}
+
+
+def copy_result(context: Context, job: dict[str, Any], earlier_output: str | None, earlier_sha256: str | None) -> dict[str, Any]:
+    """Identical content under the same rule was upscaled before: copy that result (0 credits).
+
+    Return updates without `output_tmp` when the earlier result is gone or changed, so the
+    supervisor makes it afresh.
+    """
+    if not earlier_output or not earlier_sha256:
+        return {"state": "prepared"}
+    temp = _fresh_temp(context, job)
+    try:
+        with open(earlier_output, "rb") as reader, open(temp, "xb") as writer:
+            shutil.copyfileobj(reader, writer, 1024 * 1024)
+            writer.flush()
+            os.fsync(writer.fileno())
+    except FileNotFoundError:
+        _discard(temp)
+        return {"state": "prepared"}
+    digest = sha256_file(temp)
+    if digest != earlier_sha256:
+        _discard(temp)
+        return {"state": "prepared"}
+    with open(temp, "rb") as handle:
+        kind = format_of_bytes(handle.read(64)) or "PNG"
+    return {"state": "fetched", "output_tmp": str(temp), "result_format": kind, "output_sha256": digest, "credits_estimate": "0"}
+
+
+def _discard(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
 
 
 def remove_upload(job: dict[str, Any]) -> None:

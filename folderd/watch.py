@@ -126,6 +126,7 @@ class FolderWatcher(threading.Thread):
         self._initial: set[str] | None = None
         self._ignores = BUILTIN_IGNORES + rule.ignore
         self._failures = 0
+        self.watch_handle: Any = None            # the observer's handle, to unschedule on reload
 
     # ------------------------------------------------------------------ control
 
@@ -211,35 +212,11 @@ class FolderWatcher(threading.Thread):
         self._update_initial()
 
     def _walk(self, directory: Path, prefix: str, seen: dict[str, os.stat_result]) -> None:
-        with os.scandir(directory) as entries:
-            for entry in entries:
-                name = entry.name
-                if matches(name, self._ignores) or name == WORK_DIR:
-                    continue
-                relpath = prefix + name
-                try:
-                    info = entry.stat(follow_symlinks=False)
-                except FileNotFoundError:
-                    continue
-                if stat.S_ISDIR(info.st_mode):
-                    if self.rule.recursive:
-                        self._walk(Path(entry.path), relpath + "/", seen)
-                    continue
-                if not matches(name, self.rule.include):
-                    continue
-                if not self._acceptable(relpath, info):
-                    continue
-                seen[relpath] = info
+        seen.update(walk_inbox(self.rule, self._acceptable, directory, prefix))
 
     def _acceptable(self, relpath: str, info: os.stat_result) -> bool:
         """Only regular files with one link: a planted symlink or hard link could expose another file."""
-        problem = None
-        if stat.S_ISLNK(info.st_mode):
-            problem = "a symbolic link; folderd only takes regular files"
-        elif not stat.S_ISREG(info.st_mode):
-            problem = "not a regular file (a FIFO, socket or device)"
-        elif info.st_nlink > 1:
-            problem = f"a file with {info.st_nlink} hard links; folderd only takes files with one link"
+        problem = unsafe_reason(info)
         if problem is None:
             self._warned.discard(relpath)
             return True
@@ -332,6 +309,50 @@ class FolderWatcher(threading.Thread):
     def forget(self, relpath: str) -> None:
         """Called from the daemon's thread after a failed claim: offer the file again later."""
         self.hint(relpath)
+
+
+def unsafe_reason(info: os.stat_result) -> str | None:
+    """Why a directory entry must not be taken: only regular files with one link are safe,
+    because a planted symlink or hard link could expose a file from elsewhere."""
+    if stat.S_ISLNK(info.st_mode):
+        return "a symbolic link; folderd only takes regular files"
+    if not stat.S_ISREG(info.st_mode):
+        return "not a regular file (a FIFO, socket or device)"
+    if info.st_nlink > 1:
+        return f"a file with {info.st_nlink} hard links; folderd only takes files with one link"
+    return None
+
+
+def walk_inbox(
+    rule: FolderRule,
+    accept: Callable[[str, os.stat_result], bool] | None = None,
+    directory: Path | None = None,
+    prefix: str = "",
+) -> dict[str, os.stat_result]:
+    """Every file of the inbox that the rule includes and does not ignore: {relpath: lstat}.
+
+    `accept(relpath, info)` filters further (default: only safe regular files).
+    """
+    ignores = BUILTIN_IGNORES + rule.ignore
+    accept = accept or (lambda _relpath, info: unsafe_reason(info) is None)
+    found: dict[str, os.stat_result] = {}
+    with os.scandir(directory or rule.inbox) as entries:
+        for entry in entries:
+            name = entry.name
+            if name == WORK_DIR or matches(name, ignores):
+                continue
+            relpath = prefix + name
+            try:
+                info = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISDIR(info.st_mode):
+                if rule.recursive:
+                    found.update(walk_inbox(rule, accept, Path(entry.path), relpath + "/"))
+                continue
+            if matches(name, rule.include) and accept(relpath, info):
+                found[relpath] = info
+    return found
 
 
 def make_handler(watcher: FolderWatcher) -> Any:

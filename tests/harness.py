@@ -20,8 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 CANARY_KEY = "canary-KEY-5f3a9c0e7d1b"
 
 # Sub-second timings so end-to-end tests stay fast; each test can override any key.
-FAST_FOLDER = {"settle": "150ms", "poll_interval": "100ms", "rescan": "1s", "incomplete_timeout": "3s"}
-FAST_CLIPDROP = {"poll_interval": "200ms", "timeout": "5s", "pause_retry": "500ms", "max_attempts": 4, "requests_per_minute": 6000, "burst": 10}
+FAST_FOLDER = {"dedupe": False, "settle": "150ms", "poll_interval": "100ms", "rescan": "1s", "incomplete_timeout": "3s"}
+FAST_CLIPDROP = {"retry_backoff": "50ms", "poll_interval": "200ms", "timeout": "5s", "pause_retry": "500ms", "max_attempts": 4, "requests_per_minute": 6000, "burst": 10}
 
 
 def make_image(path: Path, size: tuple[int, int] = (64, 48), *, fmt: str | None = None, mode: str = "RGB", **save: Any) -> Path:
