@@ -139,6 +139,12 @@ class Daemon:
         self.low_balance_warned = False
         self.results: dict[tuple[str, str], str] = {}   # (input sha256, recipe) -> job id of a delivered result
         self.progress = Progress(sys.stderr) if once else None
+        # Fault injection for the crash tests: FOLDERD_CRASH_AFTER=STATE:N kills the process
+        # with SIGKILL right after the N-th entry into STATE has been made durable.
+        crash = self.environ.get("FOLDERD_CRASH_AFTER", "")
+        self.crash_state, _, count = crash.partition(":")
+        self.crash_countdown = int(count or 1) if crash else 0
+        self.crash_armed = False
 
     # ------------------------------------------------------------------ life cycle
 
@@ -367,7 +373,7 @@ class Daemon:
                     stop_deadline = self.clock() + STOP_GRACE
                     for watcher in self.watchers.values():
                         watcher.stop()
-                self.ledger.flush()
+                self._flush()
                 if not self.in_flight or self.clock() >= stop_deadline:
                     if self.in_flight:
                         log.warning("stopping with calls still in flight; they resume from the ledger at the next start", jobs=len(self.in_flight))
@@ -443,6 +449,7 @@ class Daemon:
             self.progress.total += 1
         self.ledger.put(job)
         self._count(None, job["state"])
+        self._crash_point("claimed")
         self._log_job(job)
         self._schedule(job)
 
@@ -502,6 +509,16 @@ class Daemon:
             return "fail", lambda context, job: fail(context.rule, job)
         raise AssertionError(f"no step for state {state}")
 
+    def _crash_point(self, state: str) -> None:
+        if self.crash_countdown and state == self.crash_state:
+            self.crash_countdown -= 1
+            self.crash_armed = self.crash_countdown == 0
+
+    def _flush(self) -> None:
+        self.ledger.flush()
+        if self.crash_armed:
+            os.kill(os.getpid(), signal.SIGKILL)
+
     def _dispatch(self) -> None:
         now = self.clock()
         while self.timers and self.timers[0][0] <= now:
@@ -546,7 +563,7 @@ class Daemon:
                         self.ledger.put(job)
                 launches.append(self._launch("api", job))
                 free_api -= 1
-        self.ledger.flush()
+        self._flush()
         for pool_name, step, function, key in launches:
             self.pools[pool_name].submit(function, (pool_name, step, key))
 
@@ -725,6 +742,10 @@ class Daemon:
 
     def _on_api_error(self, step: str, job: dict[str, Any], error: ApiError) -> None:
         settings = self.config.clipdrop
+        if error.kind in ("auth", "credits", "rate") and job["state"] == "submitting":
+            # The API refused the POST before doing any work: nothing was charged, so the
+            # job is not "interrupted mid-submit" (a restart must not flag a double charge).
+            self._set_state(job, "prepared")
         if error.kind in ("auth", "credits"):
             what = "the API key was refused" if error.kind == "auth" else "the account has no credits left"
             self._pause(f"{what} (HTTP {error.status}): {error}")
@@ -774,6 +795,7 @@ class Daemon:
         job["updated"] = time.time()
         if state != old:
             job["tries"] = 0
+            self._crash_point(state)
             self._count(old, state)
             if state == "failed":
                 self.failed_this_run += 1
@@ -858,9 +880,11 @@ class Daemon:
 
     def _housekeeping(self) -> None:
         now = self.clock()
-        if self.held and now >= self.next_held_check:
+        if now >= self.next_held_check:
             self.next_held_check = now + 5.0
-            self._release_held()
+            self._revive_watchers()
+            if self.held:
+                self._release_held()
         self.notifier.status(self._status_line())
         if self.progress is not None:
             self.progress.show(len(self.claiming) + len(self.claims))
@@ -869,6 +893,20 @@ class Daemon:
                 self.notifier.watchdog()
             self.next_watchdog = now + self.notifier.watchdog_interval
         self._write_status()
+
+    def _revive_watchers(self) -> None:
+        """A watcher thread or the inotify observer that died is started again."""
+        if self.observer is not None and not self.observer.is_alive():
+            log.error("the inotify observer thread died; starting a new one")
+            self.observer = None
+            for name in [name for name, watcher in self.watchers.items() if watcher.method == "native"]:
+                self._stop_watcher(name)
+                self._start_watcher(self.rules[name])
+        for name, watcher in list(self.watchers.items()):
+            if not watcher.is_alive() and not watcher.stopping.is_set():
+                log.error("a folder watcher thread died; starting a new one", folder=name)
+                self._stop_watcher(name)
+                self._start_watcher(self.rules[name])
 
     def _healthy(self, now: float) -> bool:
         """Watchdog pings only while every watcher thread is alive and turning."""

@@ -41,7 +41,7 @@ MIN_COMPACT_LINES = 2000
 _TERMINAL_FIELDS = (
     "id", "folder", "source", "state", "size", "sha256", "created", "updated", "output",
     "output_sha256", "archived_to", "failed_to", "error", "task_id", "mode", "strategy",
-    "target", "credits", "credits_estimate", "backend", "attempts", "charged_twice",
+    "target", "credits", "credits_estimate", "backend", "attempts", "charged_twice", "maybe_paid_twice",
 )
 TERMINAL_STATES = {"archived", "failed"}
 
