@@ -98,7 +98,8 @@ def classify(response: requests.Response, what: str) -> ApiError:
     if status == 429:
         return ApiError("rate", message, status=status, retry_after=parse_retry_after(response.headers.get("Retry-After")))
     if status >= 500 or status == 408:
-        return ApiError("transient", message, status=status, maybe_processed=status != 503)
+        # The API answered with an error: it charges successful calls only.
+        return ApiError("transient", message, status=status)
     return ApiError("rejected", message, status=status)
 
 

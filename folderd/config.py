@@ -156,6 +156,7 @@ class ClipdropSettings:
     concurrency: int
     pause_retry: float
     retry_backoff: float = 1.0
+    ambiguous_retries: int = 1
     budget: Budget = Budget()
 
 
@@ -288,6 +289,7 @@ CLIPDROP_KEYS: dict[str, Option] = {
     "max_attempts": Option(_integer(1, 100), 6, "Tries of one call on transient faults (5xx, 429, resets) before the file fails.", 6),
     "concurrency": Option(_integer(1, 64), 8, "HTTP calls in flight at once, so latency does not waste the budget.", 8),
     "pause_retry": Option(_duration(0.05), 300.0, "After a 401/402/403, how long to wait before trying the key again.", "5m"),
+    "ambiguous_retries": Option(_integer(0, 10), 1, "Times a paid call is sent again after it failed in a way that may have been charged (timeout or reset after sending).", 1),
     "retry_backoff": Option(_duration(0.01), 1.0, "First wait before retrying a transient fault; doubles each try (with jitter), at most 5m.", "1s"),
     "budget": Option(lambda value: value, {}, "Credit caps: daily, monthly (jobs wait, not fail), low_balance (warn below).", {"daily": 200, "monthly": 3000, "low_balance": 50}),
 }
@@ -322,7 +324,7 @@ OUTPUT_KEYS = {"format", "jpeg_quality"}
 BUDGET_KEYS = {"daily", "monthly", "low_balance"}
 
 
-def _budget(value: Any, where: tuple[Any, ...], problems: "_Problems", allowed: set[str]) -> Budget:
+def _budget(value: Any, where: tuple[Any, ...], problems: _Problems, allowed: set[str]) -> Budget:
     if value in (None, {}):
         return Budget()
     if not isinstance(value, dict):
@@ -429,8 +431,8 @@ def loads(text: str, file: str = "<config>") -> Config:
     if node is not None:
         _walk_nodes(node, (), lines, duplicates)
     problems = _Problems(file, lines)
-    for where, _ in duplicates:
-        problems.add(where, "key given twice")
+    for duplicate, _ in duplicates:
+        problems.add(duplicate, "key given twice")
     if not isinstance(data, dict):
         problems.add((), "the file must be a mapping with state_dir and folders")
         problems.raise_if_any()
@@ -600,6 +602,7 @@ def _build(data: dict[str, Any], problems: _Problems, base: Path, file: Path) ->
         concurrency=clip["concurrency"],
         pause_retry=clip["pause_retry"],
         retry_backoff=clip["retry_backoff"],
+        ambiguous_retries=clip["ambiguous_retries"],
         budget=_budget(clip["budget"], ("clipdrop", "budget"), problems, BUDGET_KEYS),
     )
     return Config(

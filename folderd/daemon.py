@@ -410,12 +410,12 @@ class Daemon:
         elif kind == "candidate":
             self._on_candidate(event[1])
         elif kind == "done":
-            _, pool_name, step, key, outcome, error = event
+            _, pool_name, step, key, outcome, failure = event
             self.pools[pool_name].busy -= 1
             if step == "claim":
-                self._on_claimed(key, outcome, error)
+                self._on_claimed(key, outcome, failure)
             else:
-                self._on_step_done(step, key, outcome, error)
+                self._on_step_done(step, key, outcome, failure)
 
     # ------------------------------------------------------------------ claiming
 
@@ -711,7 +711,8 @@ class Daemon:
         job["polls"] = job.get("polls", 0) + 1
         poll_interval = self.config.clipdrop.poll_interval
         if status.state == "completed":
-            self._learn(elapsed, completed_at_first=job["polls"] == 1)
+            if job["polls"] == 1:
+                self._learn(elapsed, completed=True, eta_duration=None)
             self._set_state(job, "ready")
             self._schedule(job)
         elif status.state in ("failed", "error", "canceled", "cancelled"):
@@ -720,7 +721,8 @@ class Daemon:
             self._retry(job, f"the API does not know task {job.get('task_id')}", self.config.clipdrop.max_attempts)
         else:
             if job["polls"] == 1:
-                self._learn(elapsed, completed_at_first=False)
+                eta_duration = status.eta - job["submitted_at"] if status.eta is not None and "submitted_at" in job else None
+                self._learn(elapsed, completed=False, eta_duration=eta_duration)
             if status.eta is not None and status.eta > now_wall:
                 delay = status.eta - now_wall + min(0.5, 0.05 * poll_interval + 0.05)
             else:
@@ -733,12 +735,21 @@ class Daemon:
             return self.config.clipdrop.poll_interval
         return max(0.05, self.task_estimate)
 
-    def _learn(self, elapsed: float, *, completed_at_first: bool) -> None:
-        # A first poll that finds the task done means we may have waited too long: shrink the
-        # estimate a little; one that finds it queued means too short: grow it. This settles
-        # just above the typical task time, so most tasks cost one status call.
+    def _learn(self, elapsed: float, *, completed: bool, eta_duration: float | None) -> None:
+        """Tune when to ask first about a new task, from how the first poll of this one went.
+
+        Queued at the first poll: we asked too early. With an eta the task's duration is known
+        (a little margin is added); without, grow the estimate. Completed at the first poll:
+        we may have waited too long, so shrink the estimate slowly, to follow tasks that get
+        faster at the cost of an occasional extra call. Most tasks then cost one status call.
+        """
         estimate = self.task_estimate if self.task_estimate is not None else elapsed
-        self.task_estimate = estimate * (0.9 if completed_at_first else 1.3)
+        if completed:
+            self.task_estimate = estimate * 0.97
+        elif eta_duration is not None and eta_duration > 0:
+            self.task_estimate = eta_duration * 1.05 + 0.05
+        else:
+            self.task_estimate = max(estimate, elapsed) * 1.3
 
     def _on_api_error(self, step: str, job: dict[str, Any], error: ApiError) -> None:
         settings = self.config.clipdrop
@@ -765,8 +776,18 @@ class Daemon:
             self._retry(job, str(error), settings.max_attempts, delay=0.0)
         else:
             if step == "submit" and error.maybe_processed:
+                # No idempotency key: sending it again may pay twice, so only a bounded number of times.
+                job["ambiguous"] = job.get("ambiguous", 0) + 1
+                if job["ambiguous"] > settings.ambiguous_retries:
+                    self._fail(
+                        job,
+                        f"the upload may have been charged but its answer was lost ({error}); not sent again to avoid paying "
+                        f"twice (clipdrop.ambiguous_retries: {settings.ambiguous_retries}); `folderd retry` sends it again",
+                        stage=job["state"], status=error.status,
+                    )
+                    return
                 job["maybe_paid_twice"] = True
-                log.warning("a submit failed after it was sent; retrying may pay twice", job_id=job["id"], file=job["source"], error=str(error))
+                log.warning("a submit failed after it was sent; sending it again may pay twice", job_id=job["id"], file=job["source"], error=str(error))
             self._retry(job, str(error), settings.max_attempts, status=error.status)
 
     def _retry(self, job: dict[str, Any], reason: str, limit: int, *, delay: float | None = None, status: int | None = None) -> None:

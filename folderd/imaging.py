@@ -22,7 +22,7 @@ try:  # HEIC/HEIF from phones; AVIF is in Pillow itself.
 
     pillow_heif.register_heif_opener()
 except ImportError:  # pragma: no cover - optional at run time
-    pillow_heif = None
+    pillow_heif = None  # type: ignore[assignment]
 
 # Pillow's own bomb check warns at 89 MP and raises at twice that; folderd decides itself,
 # from the header, with a limit that also bounds the local engine's memory.
@@ -181,7 +181,9 @@ def probe(path: Path) -> ImageInfo:
                 orientation = int(image.getexif().get(0x0112, 1) or 1)
             except Exception:  # a damaged EXIF block is no reason to refuse the image
                 orientation = 1
-            if orientation in (5, 6, 7, 8):
+            # Pillow's TIFF plugin already reports the upright size (it transposes on load);
+            # every other format reports the stored size, which orientations 5-8 turn sideways.
+            if orientation in (5, 6, 7, 8) and image.format != "TIFF":
                 width, height = height, width
             has_alpha = image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info
             return ImageInfo(
@@ -268,3 +270,78 @@ def encode_for_upload(path: Path, destination: Path, *, accepted: tuple[str, ...
 def format_of_bytes(head: bytes) -> str | None:
     """The format an HTTP body really is, from its magic bytes (never trust Content-Type alone)."""
     return sniff(head)
+
+
+# ---------------------------------------------------------------------- metadata out
+#
+# Results carry the input's colour profile and EXIF. EXIF is rewritten for the new pixels:
+# orientation 1 (they are upright now), PixelX/YDimension set to the output size, and the
+# tags that describe a TIFF file's own layout (strip offsets, bits per sample, its embedded
+# ICC tag, ...) or a stale thumbnail dropped: they would lie about the output.
+
+ORIENTATION = 0x0112
+EXIF_IFD = 0x8769
+PIXEL_X_DIMENSION = 0xA002
+PIXEL_Y_DIMENSION = 0xA003
+MAKER_NOTE = 0x927C
+JPEG_EXIF_LIMIT = 65_533  # an APP1 segment's payload, "Exif\0\0" included
+_LAYOUT_TAGS = {
+    0x00FE, 0x00FF, 0x0100, 0x0101, 0x0102, 0x0103, 0x0106, 0x0107, 0x0108, 0x0109, 0x010A, 0x0111, 0x0115,
+    0x0116, 0x0117, 0x0118, 0x0119, 0x011C, 0x0122, 0x0123, 0x0124, 0x0125, 0x013D, 0x0140, 0x0142, 0x0143,
+    0x0144, 0x0145, 0x014A, 0x0152, 0x0153, 0x0154, 0x0155, 0x0156, 0x0157, 0x0158, 0x0159, 0x015B, 0x0200,
+    0x0201, 0x0202, 0x0203, 0x0205, 0x0206, 0x0207, 0x0208, 0x0209, 0x0211, 0x0212, 0x0214, 0x02BC, 0x83BB,
+    0x8649, 0x8773, 0x935C, 0xC612,
+}
+
+
+def icc_for_rgb(profile: bytes | None) -> bytes | None:
+    """The profile if it describes RGB pixels (the only kind folderd writes), else None."""
+    if not profile or len(profile) < 128:
+        return None
+    return profile if profile[16:20] == b"RGB " else None
+
+
+def exif_for_output(exif: Image.Exif | bytes | None, width: int, height: int, *, limit: int | None = None) -> bytes | None:
+    """EXIF for a result of width x height: orientation 1, pixel dimensions updated, layout tags dropped.
+
+    `exif` is an input's Image.getexif() or raw EXIF bytes (with or without the "Exif\\0\\0"
+    header). Return bytes starting with "Exif\\0\\0" (what Pillow's JPEG, PNG and WebP
+    encoders take), or None when there is nothing to carry or it cannot be kept under
+    `limit` bytes even without the maker note.
+    """
+    if exif is None:
+        return None
+    try:
+        if isinstance(exif, (bytes, bytearray)):
+            raw = bytes(exif)
+            loaded = Image.Exif()
+            loaded.load(raw if raw.startswith(b"Exif\x00\x00") else b"Exif\x00\x00" + raw)
+            exif = loaded
+        if not len(exif):
+            return None
+        for tag in list(exif):
+            if tag in _LAYOUT_TAGS:
+                del exif[tag]
+        exif[ORIENTATION] = 1
+        sub = exif.get_ifd(EXIF_IFD)
+        sub[PIXEL_X_DIMENSION] = width
+        sub[PIXEL_Y_DIMENSION] = height
+        data = exif.tobytes()
+        if limit is not None and len(data) > limit and MAKER_NOTE in sub:
+            del sub[MAKER_NOTE]  # maker notes are the usual bulk, and their offsets rarely survive anyway
+            data = exif.tobytes()
+    except Exception:  # a damaged EXIF block is no reason to fail the image: drop it
+        return None
+    if limit is not None and len(data) > limit:
+        return None
+    return data
+
+
+def metadata_of(image: Image.Image) -> tuple[bytes | None, Image.Exif | None]:
+    """(ICC profile, EXIF) of an opened image, before load (TIFF drops its orientation tag on load)."""
+    icc = image.info.get("icc_profile") or None
+    try:
+        exif: Image.Exif | None = image.getexif()
+    except Exception:
+        exif = None
+    return icc, exif

@@ -108,7 +108,7 @@ def configure(level: str = "info", fmt: str = "auto", stream: Any = None) -> Non
     journal_send = None
     if fmt == "auto" and under_journal():
         try:
-            from systemd import journal  # type: ignore[import-not-found]
+            from systemd import journal  # type: ignore[import-not-found,attr-defined,unused-ignore]
 
             journal_send = journal.send
         except ImportError:

@@ -29,7 +29,7 @@ class Notifier:
         self._systemd_notify = None
         if self.address:
             try:
-                from systemd import daemon  # type: ignore[import-not-found]
+                from systemd import daemon  # type: ignore[import-not-found,attr-defined,unused-ignore]
 
                 self._systemd_notify = daemon.notify
             except ImportError:
