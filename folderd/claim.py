@@ -115,6 +115,8 @@ def claim(inbox: Path, relpath: str, signature: Signature | None, daemon_id: str
             work_dir = root.joinpath(*parts[:-1]) if len(parts) > 1 else root
             work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             work_name = f"{job_id}{SEPARATOR}{name}"
+            if len(os.fsencode(work_name)) > 255:  # NAME_MAX: a long name in the inbox must still be claimable
+                work_name = os.fsencode(work_name)[:255].decode("utf-8", "ignore")
             work_fd = os.open(work_dir, os.O_RDONLY | os.O_DIRECTORY)
             try:
                 try:

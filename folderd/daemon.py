@@ -132,6 +132,7 @@ class Daemon:
         self.next_status_write = 0.0
         self.next_watchdog = 0.0
         self.status_dirty = True
+        self.status_watch: dict[str, Any] = {}  # what status.json last said of the watchers
         self.pools: dict[str, WorkerPool] = {}
         self.spending = Spending()
         self.held: dict[str, str] = {}          # job id -> why a credit cap holds it
@@ -332,6 +333,8 @@ class Daemon:
 
     def _shutdown(self) -> None:
         self.notifier.stopping()
+        if self.progress is not None:
+            self.progress.close()
         for watcher in self.watchers.values():
             watcher.stop()
         if self.observer is not None:
@@ -427,6 +430,7 @@ class Daemon:
         if rule.backend == "clipdrop" and self._paused(self.clock()):
             if key not in self.deferred:
                 log.info("file waits in the inbox while the API is paused", folder=rule.name, file=candidate.relpath, reason=self.pause_reason)
+                self.status_dirty = True  # status shows it waiting_in_inbox
             self.deferred[key] = candidate
             return
         self.claiming.add(key)
@@ -546,6 +550,9 @@ class Daemon:
                 free_io = free
         if self.client is not None and not self._paused(now):
             free_api = self.pools["api"].free
+            if self.pause_reason is not None:
+                # The pause is over but the key is not proven yet: one call probes it.
+                free_api = 0 if self.pools["api"].busy else 1
             while free_api > 0:
                 queue_index = next((index for index, pending in enumerate(self.queue_api) if pending), None)
                 if queue_index == SUBMIT and self._hold_if_capped(self.ledger.jobs[self.queue_api[SUBMIT][0]]):
@@ -623,7 +630,11 @@ class Daemon:
             self.ledger.put_meta(credits_spent=str(spent), spent_by_day=self.spending.as_meta())
         if remaining is not None:
             self._check_low_balance(Decimal(remaining))
-        if self.pause_reason is not None and step in ("submit", "poll", "fetch") and not self._pause_forever:
+        # A free call (poll, fetch) that works proves the key again, but not that credits are
+        # back after a 402: only a paid submit does; else every poll would unpause, let the
+        # waiting files in, and their submits would meet 402 again.
+        credits_pause = self.pause_reason is not None and self.pause_reason.startswith("the account has no credits left")
+        if self.pause_reason is not None and (step == "submit" or (step in ("poll", "fetch") and not credits_pause)) and not self._pause_forever:
             log.info("the API accepts the key again; resuming", was=self.pause_reason)
             self._unpause()
         status = updates.pop("_status", None)
@@ -793,7 +804,9 @@ class Daemon:
     def _retry(self, job: dict[str, Any], reason: str, limit: int, *, delay: float | None = None, status: int | None = None) -> None:
         job["tries"] = job.get("tries", 0) + 1
         job["attempts"] = job.get("attempts", 0) + 1
-        if job["tries"] >= limit:
+        # A job already failing has nowhere further to go: it keeps retrying with backoff
+        # (failing it again would re-run the same step at once, in a tight loop).
+        if job["tries"] >= limit and job["state"] != "failing":
             self._fail(job, f"gave up after {job['tries']} attempts: {reason}", stage=job["state"], status=status)
             return
         wait = self._backoff(job["tries"]) if delay is None else delay
@@ -870,15 +883,15 @@ class Daemon:
             return False
         if now < self.pause_until:
             return True
-        if self.deferred:  # time to try again: let deferred files in, the first call probes the key
-            candidates = list(self.deferred.values())
-            self.deferred.clear()
+        if self.deferred:
+            # Time to try again: let one deferred file in, its first call probes the key. The
+            # others stay in the inbox until the key works (_unpause lets them all in).
             self.pause_until = now + self.config.clipdrop.pause_retry
-            for candidate in candidates:
-                key = (candidate.folder, candidate.relpath)
-                if key not in self.claiming:
-                    self.claiming.add(key)
-                    self.claims.append(candidate)
+            key, candidate = next(iter(self.deferred.items()))
+            del self.deferred[key]
+            if key not in self.claiming:
+                self.claiming.add(key)
+                self.claims.append(candidate)
         return False
 
     # ------------------------------------------------------------------ status
@@ -939,6 +952,12 @@ class Daemon:
 
     def _write_status(self, force: bool = False) -> None:
         now = self.clock()
+        # A watcher's method or availability changing, and its last scan (at 30 s granularity, to
+        # spare an idle disk), also make status.json stale, not only job changes.
+        watch = {name: (watcher.method, watcher.unavailable, (watcher.last_scan or 0) // 30) for name, watcher in self.watchers.items()}
+        if watch != self.status_watch:
+            self.status_watch = watch
+            self.status_dirty = True
         if not force and (now < self.next_status_write or not self.status_dirty):
             return
         self.next_status_write = now + 1.0
@@ -952,18 +971,23 @@ class Daemon:
                 "unavailable": watcher.unavailable,
                 "waiting_in_inbox": sum(1 for key in self.deferred if key[0] == name),
             }
-        write_status_file(
-            self.config.state_dir / STATUS_FILE,
-            {
-                "pid": os.getpid(),
-                "updated": time.time(),
-                "line": self._status_line(),
-                "paused": self.pause_reason,
-                "folders": folders,
-                "in_flight": len(self.in_flight),
-                "held": dict(self.held),
-            },
-        )
+        status = {
+            "pid": os.getpid(),
+            "updated": time.time(),
+            "line": self._status_line(),
+            "paused": self.pause_reason,
+            "folders": folders,
+            "in_flight": len(self.in_flight),
+            "held": dict(self.held),
+        }
+        try:
+            write_status_file(self.config.state_dir / STATUS_FILE, status)
+        except OSError as error:
+            # A full or failing state disk stops the daemon (exit 4) like a ledger write would,
+            # rather than escaping the loop as a traceback; anything else only costs the view.
+            if error.errno in DURABILITY_ERRNOS:
+                raise DurabilityError(f"cannot write {STATUS_FILE} in {self.config.state_dir}: {os.strerror(error.errno or 0)}") from error
+            log.warning("cannot write the status file", error=str(error))
 
     def _check_once_finished(self) -> None:
         if not all(watcher.initial_done.is_set() for watcher in self.watchers.values()):
@@ -1016,6 +1040,12 @@ class Progress:
         if line != self._shown:
             self._shown = line
             self.stream.write("\r" + line)
+            self.stream.flush()
+
+    def close(self) -> None:
+        """Leave the final bar on a line of its own, so that what follows (a shell prompt) starts on a new one."""
+        if self._shown:
+            self.stream.write("\r\x1b[K" + self._shown + "\n")
             self.stream.flush()
 
 

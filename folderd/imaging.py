@@ -83,9 +83,12 @@ def completeness(path: Path) -> tuple[str, str]:
         return "incomplete", reason
     try:
         with Image.open(path) as image:
-            image.size  # noqa: B018 - the header parsed
-            if size <= SMALL_FILE:
-                image.load()  # small files: decode fully, the surest check of a whole image
+            width, height = image.size  # the header parsed
+            # Small files: decode fully, the surest check of a whole image -- but never one
+            # whose header declares more pixels than folderd takes (a decompression bomb:
+            # a few KB declaring 30000x30000); probe() refuses it with the reason.
+            if size <= SMALL_FILE and width * height <= MAX_INPUT_PIXELS:
+                image.load()
     except Exception as error:  # Pillow raises many types for damaged data
         return "incomplete", f"the image data is incomplete or damaged ({_describe(error)})"
     return "complete", ""
@@ -222,6 +225,8 @@ def flatten_mode(image: Image.Image) -> Image.Image:
         return image
     if image.mode == "CMYK":
         return _cmyk_to_rgb(image)
+    if image.mode == "P" and "transparency" not in image.info and getattr(image.palette, "mode", "RGB") != "RGBA":
+        return image.convert("RGB")  # an opaque palette image needs no alpha channel
     if image.mode in ("P", "PA", "LA", "La", "RGBa") or "transparency" in image.info:
         return image.convert("RGBA")
     if image.mode.startswith("I;16") or image.mode in ("I", "F"):
@@ -345,3 +350,169 @@ def metadata_of(image: Image.Image) -> tuple[bytes | None, Image.Exif | None]:
     except Exception:
         exif = None
     return icc, exif
+
+
+# ---------------------------------------------------------------------- metadata for API results
+#
+# The Clipdrop API's results carry no colour profile and no EXIF. reattach_metadata() copies
+# the original's into the downloaded result by splicing segments/chunks into the file, so the
+# pixels are not decoded or re-encoded (no generation loss, little memory).
+
+_ICC_CHUNK = 65_519  # an APP2 segment's payload after "ICC_PROFILE\0" + sequence + count
+
+
+def reattach_metadata(original: Path, result: Path) -> bool:
+    """Put the original's ICC profile and EXIF (orientation 1, the result's size) into `result`, in place.
+
+    The replacement is atomic and durable (temp, fsync, rename, fsync dir). Return True if the
+    file changed; False when there is nothing to carry or the result is not JPEG, PNG or WebP.
+    Metadata is a courtesy: a damaged original or result raises nothing here.
+    """
+    try:
+        with Image.open(original) as source:
+            icc, exif = metadata_of(source)
+            cmyk = source.mode == "CMYK"
+            if exif is not None:
+                for ifd in (0x8769, 0x8825):
+                    try:
+                        exif.get_ifd(ifd)
+                    except Exception:
+                        pass
+        data = result.read_bytes()
+        kind = sniff(data[:64])
+        if kind not in ("JPEG", "PNG", "WEBP"):
+            return False
+        with Image.open(io.BytesIO(data)) as produced:
+            width, height = produced.size
+        profile = None if cmyk else icc_for_rgb(icc)
+        exif_bytes = exif_for_output(exif, width, height, limit=JPEG_EXIF_LIMIT if kind == "JPEG" else None)
+        if not profile and not exif_bytes:
+            return False
+        spliced = {"JPEG": _splice_jpeg, "PNG": _splice_png, "WEBP": _splice_webp}[kind](data, profile, exif_bytes)
+    except Exception:
+        return False
+    from folderd.fsutil import atomic_write
+
+    atomic_write(result, spliced)
+    return True
+
+
+def _splice_jpeg(data: bytes, icc: bytes | None, exif: bytes | None) -> bytes:
+    if data[:2] != b"\xff\xd8":
+        raise ValueError("not a JPEG")
+    position, kept_app0, others = 2, b"", []
+    while True:
+        if data[position] != 0xFF:
+            raise ValueError("JPEG header out of step")
+        marker = data[position + 1]
+        if marker == 0xDA or marker == 0xD9:
+            break
+        length = struct.unpack(">H", data[position + 2 : position + 4])[0]
+        segment = data[position : position + 2 + length]
+        payload = segment[4:]
+        position += 2 + length
+        if marker == 0xE0 and not kept_app0 and not others:
+            kept_app0 = segment
+        elif marker == 0xE1 and exif and payload.startswith(b"Exif\x00\x00"):
+            continue  # replaced
+        elif marker == 0xE2 and icc and payload.startswith(b"ICC_PROFILE\x00"):
+            continue  # replaced
+        else:
+            others.append(segment)
+    inserted = b""
+    if exif:
+        inserted += b"\xff\xe1" + struct.pack(">H", len(exif) + 2) + exif
+    if icc:
+        pieces = [icc[offset : offset + _ICC_CHUNK] for offset in range(0, len(icc), _ICC_CHUNK)]
+        if len(pieces) > 255:
+            raise ValueError("colour profile too large for JPEG")
+        for index, piece in enumerate(pieces, 1):
+            payload = b"ICC_PROFILE\x00" + bytes((index, len(pieces))) + piece
+            inserted += b"\xff\xe2" + struct.pack(">H", len(payload) + 2) + payload
+    return b"\xff\xd8" + kept_app0 + inserted + b"".join(others) + data[position:]
+
+
+def _png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
+    if data[:8] != b"\x89PNG\r\n\x1a\n":
+        raise ValueError("not a PNG")
+    chunks, position = [], 8
+    while position < len(data):
+        length = struct.unpack(">I", data[position : position + 4])[0]
+        kind = data[position + 4 : position + 8]
+        chunks.append((kind, data[position : position + 12 + length]))
+        position += 12 + length
+        if kind == b"IEND":
+            break
+    return chunks
+
+
+def _splice_png(data: bytes, icc: bytes | None, exif: bytes | None) -> bytes:
+    import zlib
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload) & 0xFFFFFFFF)
+
+    dropped = set()
+    if icc:
+        dropped |= {b"iCCP", b"sRGB"}
+    if exif:
+        dropped.add(b"eXIf")
+    out = [b"\x89PNG\r\n\x1a\n"]
+    for kind, raw in _png_chunks(data):
+        if kind in dropped:
+            continue
+        out.append(raw)
+        if kind == b"IHDR":
+            if icc:
+                out.append(chunk(b"iCCP", b"ICC Profile\x00\x00" + zlib.compress(icc)))
+            if exif:
+                out.append(chunk(b"eXIf", exif[6:] if exif.startswith(b"Exif\x00\x00") else exif))
+    return b"".join(out)
+
+
+def _splice_webp(data: bytes, icc: bytes | None, exif: bytes | None) -> bytes:
+    if data[:4] != b"RIFF" or data[8:12] != b"WEBP":
+        raise ValueError("not a WebP")
+    chunks, position = [], 12
+    while position + 8 <= len(data):
+        kind = data[position : position + 4]
+        size = struct.unpack("<I", data[position + 4 : position + 8])[0]
+        chunks.append((kind, data[position + 8 : position + 8 + size]))
+        position += 8 + size + (size & 1)
+    if not chunks:
+        raise ValueError("an empty WebP")
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return kind + struct.pack("<I", len(payload)) + payload + (b"\x00" if len(payload) & 1 else b"")
+
+    if chunks[0][0] == b"VP8X":
+        flags, rest = chunks[0][1][0], chunks[0][1][1:]
+        chunks = chunks[1:]
+    else:  # a simple WebP: give it the extended header that metadata needs
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            alpha = "A" in image.getbands()
+        flags = 0x10 if alpha else 0
+        rest = b"\x00\x00\x00" + (width - 1).to_bytes(3, "little") + (height - 1).to_bytes(3, "little")
+    if icc:
+        flags |= 0x20
+    if exif:
+        flags |= 0x08
+    body = [chunk(b"VP8X", bytes((flags,)) + rest)]
+    if icc:
+        body.append(chunk(b"ICCP", icc))
+    xmp = []
+    for kind, payload in chunks:
+        if (kind == b"ICCP" and icc) or (kind == b"EXIF" and exif):
+            continue
+        if kind == b"XMP ":
+            xmp.append(chunk(kind, payload))
+            continue
+        if kind == b"ICCP":  # an existing profile kept: it must come right after VP8X
+            body.insert(1, chunk(kind, payload))
+            continue
+        body.append(chunk(kind, payload))
+    if exif:
+        body.append(chunk(b"EXIF", exif[6:] if exif.startswith(b"Exif\x00\x00") else exif))
+    payload = b"WEBP" + b"".join(body + xmp)
+    return b"RIFF" + struct.pack("<I", len(payload)) + payload

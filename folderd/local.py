@@ -1,26 +1,85 @@
 """The embedded local engine: upscaling with no network and nothing to pay.
 
-smooth: Lanczos resampling. detailed: Lanczos followed by an unsharp mask whose radius
-grows with the upscale factor, with a small threshold so JPEG noise is not amplified.
-The colour profile and EXIF (orientation reset to upright) are carried to the output.
+Strategies
+    smooth    Lanczos-3 resampling (Pillow's), alpha premultiplied.
+    detailed  the same, then an unsharp mask on the colour channels (never on alpha) with
+              radius = DETAILED_RADIUS_PER_FACTOR x the upscale factor (px of the output),
+              amount DETAILED_PERCENT %, threshold DETAILED_THRESHOLD levels (differences
+              below it are left alone, so flat areas and JPEG noise are not amplified).
+              Applies only when the image is enlarged; a reduction is plain Lanczos.
+
+The parameters were chosen with bench/quality.py (PSNR and SSIM of an upscaled box-downscaled
+photo against the original, at 2x and 4x, on scikit-image's photos, with lossless and
+JPEG-q85 inputs). The grid and the measured values are in bench/README.md.
+
+Bounded memory
+    The output is made in horizontal strips. Each strip is resampled from just the input rows
+    that its Lanczos support reads (horizontal pass, then vertical), with extra output rows
+    above and below for the unsharp mask's blur, which are cut off again: the strips put
+    together equal the whole-image result (`render_whole`) to within one level of rounding.
+    JPEG and PNG are encoded as the strips come, so a full-size output never exists in memory:
+      JPEG  each strip is a baseline JPEG of its own (same tables: optimize off); their
+            entropy-coded data are joined with restart markers (DRI = one strip), which is a
+            valid single JPEG whose pixels are exactly those of a whole-image encode.
+      PNG   folderd writes the PNG itself: rows with the Average filter (within 1 % of
+            Pillow's adaptive filtering on photos), deflated as they come.
+      WebP  libwebp needs the whole picture: the strips are assembled into one image first.
+    Before decoding, each job reserves its estimated peak from a memory budget shared by the
+    engine's workers (FOLDERD_LOCAL_MEMORY_BUDGET, e.g. "2GB"; by default half the machine's
+    or the cgroup's memory). A job that could never fit fails with ImageError saying so; one
+    that fits but not beside the jobs now running waits for them.
+
+Inputs and metadata
+    Any format imaging.probe() takes: JPEG (CMYK converted to sRGB through its profile),
+    PNG (16-bit scaled to 8, palette and alpha), WebP, TIFF, BMP, GIF, HEIC/HEIF, AVIF.
+    Multi-frame files (TIFF pages, GIF/WebP animations, HEIF sequences) give their FIRST
+    frame/page only. EXIF orientation is applied before anything else; the output carries
+    the input's ICC profile (when it describes RGB) and EXIF (orientation 1, pixel
+    dimensions updated: imaging.exif_for_output).
 """
 
 from __future__ import annotations
 
 import io
+import math
 import os
+import struct
+import threading
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-from PIL import Image, ImageFilter
+from PIL import Image, ImageFilter, ImageOps
 
-from folderd.fsutil import write_file
-from folderd.imaging import flatten_mode, load_upright
+from folderd.errors import ImageError
+from folderd.imaging import (
+    JPEG_EXIF_LIMIT,
+    MAX_INPUT_PIXELS,
+    _describe,
+    exif_for_output,
+    flatten_mode,
+    icc_for_rgb,
+    metadata_of,
+)
 
-# Chosen with bench/quality.py (PSNR/SSIM against originals after a box downscale).
+# Chosen with bench/quality.py; see the module docstring and bench/README.md.
 DETAILED_RADIUS_PER_FACTOR = 0.5
 DETAILED_PERCENT = 80
 DETAILED_THRESHOLD = 2
+
+LANCZOS = Image.Resampling.LANCZOS
+LANCZOS_SUPPORT = 3.0
+STRIP_BYTES = 8 << 20        # one strip buffer (4 bytes a pixel in memory) is about this big
+WEBP_MAX_SIDE = 16_383
+PNG_COMPRESS_LEVEL = 3       # as Pillow's compress_level=3: fast, a little larger than 6
+_IDAT_CHUNK = 1 << 20
+OUTPUT_FORMATS = {"jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
+
+
+# ---------------------------------------------------------------------------- choices
 
 
 def output_format(input_format: str, has_alpha: bool) -> str:
@@ -34,64 +93,485 @@ def output_format(input_format: str, has_alpha: bool) -> str:
     return "PNG"
 
 
-def _exif_for_output(image: Image.Image, width: int, height: int) -> bytes | None:
-    try:
-        exif = image.getexif()
-    except Exception:
-        return None
-    if not exif:
-        return None
-    exif[0x0112] = 1  # the pixels are upright now
-    try:
-        sub = exif.get_ifd(0x8769)
-        if sub:
-            sub[0xA002] = width
-            sub[0xA003] = height
-    except Exception:
-        pass
-    try:
-        return exif.tobytes()
-    except Exception:
-        return None
+def detailed_radius(factor: float) -> float:
+    """The unsharp mask's radius (Gaussian sigma, output px) for an upscale by `factor`."""
+    return max(0.5, DETAILED_RADIUS_PER_FACTOR * factor)
 
 
-def upscale(source: Path, destination: Path, width: int, height: int, strategy: str, *, jpeg_quality: int = 92) -> str:
+def _blur_margin(radius: float) -> int:
+    """Output rows an unsharp mask of `radius` reads beyond a strip.
+
+    Pillow's Gaussian blur is three box blurs, each reaching floor(r') + 1 px with r' <= radius.
+    """
+    return 3 * (math.ceil(radius) + 1) + 2
+
+
+def _strip_rows(width: int) -> int:
+    """Output rows per strip: about STRIP_BYTES a buffer, a multiple of 16 (a JPEG MCU row)."""
+    rows = STRIP_BYTES // (4 * max(1, width))
+    rows = max(16, min(1024, rows))
+    return rows - rows % 16
+
+
+# ---------------------------------------------------------------------------- rendering
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    source: tuple[int, int]
+    target: tuple[int, int]
+    sharpen: bool
+    radius: float
+    margin: int
+
+    @classmethod
+    def of(cls, source: tuple[int, int], target: tuple[int, int], strategy: str) -> _Geometry:
+        factor = max(target[0] / source[0], target[1] / source[1])
+        sharpen = strategy == "detailed" and factor > 1
+        radius = detailed_radius(factor) if sharpen else 0.0
+        return cls(source, target, sharpen, radius, _blur_margin(radius) if sharpen else 0)
+
+    def input_rows(self, first: int, last: int) -> tuple[int, int]:
+        """Input rows [r0, r1) that Lanczos reads to make output rows [first, last)."""
+        source_height, height = self.source[1], self.target[1]
+        scale = source_height / height
+        support = LANCZOS_SUPPORT * max(1.0, scale)
+        r0 = max(0, math.floor((first + 0.5) * scale - support) - 2)
+        r1 = min(source_height, math.ceil((last - 0.5) * scale + support) + 2)
+        return r0, r1
+
+
+def _unsharp(band: Image.Image, geometry: _Geometry) -> Image.Image:
+    mask = ImageFilter.UnsharpMask(radius=geometry.radius, percent=DETAILED_PERCENT, threshold=DETAILED_THRESHOLD)
+    if band.mode == "RGBA":  # sharpen the colours, never the alpha edge
+        alpha = band.getchannel("A")
+        return Image.merge("RGBA", (*band.convert("RGB").filter(mask).split(), alpha))
+    return band.filter(mask)
+
+
+def _resample(image: Image.Image, first: int, last: int, geometry: _Geometry) -> Image.Image:
+    """Output rows [first, last), resampled from just the input rows they read.
+
+    Horizontal pass then vertical, in premultiplied alpha (RGBa) like Pillow's own resize.
+    """
+    (source_width, source_height), (width, height) = geometry.source, geometry.target
+    r0, r1 = geometry.input_rows(first, last)
+    band = image.crop((0, r0, source_width, r1))
+    rgba = band.mode == "RGBA"
+    if rgba:
+        band = band.convert("RGBa")
+    if width != source_width:
+        band = band.resize((width, r1 - r0), LANCZOS)
+    if height != source_height:
+        scale = source_height / height
+        band = band.resize((width, last - first), LANCZOS, box=(0, first * scale - r0, width, last * scale - r0))
+    else:
+        band = band.crop((0, first - r0, width, last - r0))
+    return band.convert("RGBA") if rgba else band
+
+
+def render_strips(image: Image.Image, width: int, height: int, strategy: str, *, rows: int | None = None) -> Iterator[tuple[int, Image.Image]]:
+    """Yield (top, strip) for the upscaled image, top to bottom; strips are `rows` high but the last.
+
+    `image` is RGB or RGBA (imaging.flatten_mode). Memory: a few strips, never the whole output.
+    """
+    geometry = _Geometry.of(image.size, (width, height), strategy)
+    rows = rows or _strip_rows(width)
+    for top in range(0, height, rows):
+        bottom = min(height, top + rows)
+        first, last = max(0, top - geometry.margin), min(height, bottom + geometry.margin)
+        band = _resample(image, first, last, geometry)
+        if geometry.sharpen:
+            band = _unsharp(band, geometry)
+        if (first, last) != (top, bottom):
+            band = band.crop((0, top - first, width, bottom - first))
+        yield top, band
+
+
+def render_whole(image: Image.Image, width: int, height: int, strategy: str) -> Image.Image:
+    """The same result made at once, the reference the strips are tested against (needs the memory)."""
+    geometry = _Geometry.of(image.size, (width, height), strategy)
+    result = _resample(image, 0, height, geometry)
+    return _unsharp(result, geometry) if geometry.sharpen else result
+
+
+def render(image: Image.Image, width: int, height: int, strategy: str) -> Image.Image:
+    """The strips assembled into one image (for benchmarks and callers that want an Image)."""
+    canvas = Image.new(image.mode, (width, height))
+    for top, strip in render_strips(image, width, height, strategy):
+        canvas.paste(strip, (0, top))
+    return canvas
+
+
+# ---------------------------------------------------------------------------- memory budget
+
+
+def _parse_bytes(text: str) -> int:
+    units = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 10**6, "mb": 10**6, "mib": 1 << 20, "g": 10**9, "gb": 10**9, "gib": 1 << 30}
+    stripped = text.strip().lower().replace(" ", "").replace("_", "")
+    number = stripped.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = stripped[len(number) :]
+    if unit not in units or not number:
+        raise ValueError(f"not a size: {text!r} (say e.g. 1500MB or 2GB)")
+    return int(float(number) * units[unit])
+
+
+def _machine_memory() -> int:
+    """The memory this process may use: physical memory, or less under a cgroup limit."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not Linux
+        total = 4 << 30
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(limit_file).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and 0 < int(text) < total:
+            total = int(text)
+    return total
+
+
+def default_budget() -> int:
+    configured = os.environ.get("FOLDERD_LOCAL_MEMORY_BUDGET")
+    if configured:
+        return _parse_bytes(configured)
+    return _machine_memory() // 2
+
+
+class MemoryBudget:
+    """Bytes the local engine's jobs may hold at once; each job reserves its estimate first."""
+
+    def __init__(self, total: int, problem: str | None = None) -> None:
+        self.total = total
+        self.problem = problem  # a budget setting that could not be read: every job says so
+        self.used = 0
+        self._changed = threading.Condition()
+
+    @contextmanager
+    def reserve(self, need: int, what: str, advice: str = "choose a smaller target or raise the budget") -> Iterator[None]:
+        if self.problem:
+            raise ImageError(f"the local engine's memory budget is not set right: {self.problem}")
+        if need > self.total:
+            raise ImageError(
+                f"{what} needs about {_mb(need)} of memory, over the local engine's budget of {_mb(self.total)} "
+                f"(FOLDERD_LOCAL_MEMORY_BUDGET): {advice}"
+            )
+        with self._changed:
+            while self.used + need > self.total:
+                self._changed.wait()
+            self.used += need
+        try:
+            yield
+        finally:
+            with self._changed:
+                self.used -= need
+                self._changed.notify_all()
+
+
+def _mb(size: int) -> str:
+    return f"{size / 1e6:,.0f} MB"
+
+
+def _initial_budget() -> MemoryBudget:
+    try:
+        return MemoryBudget(default_budget())
+    except ValueError as error:
+        return MemoryBudget(0, f"FOLDERD_LOCAL_MEMORY_BUDGET: {error}")
+
+
+budget = _initial_budget()
+
+
+def set_memory_budget(total: int) -> None:
+    """Set the bytes all local jobs together may use (the config's local memory budget, if any)."""
+    global budget
+    budget = MemoryBudget(total)
+
+
+def estimate_memory(source: tuple[int, int], target: tuple[int, int], strategy: str, kind: str, *, copies: int = 2) -> int:
+    """Peak bytes a job needs beyond the interpreter: decoded input, strip buffers, encoder.
+
+    Pillow keeps 4 bytes a pixel for RGB, RGBA and CMYK. `copies`: the decoded input plus one
+    converted or rotated copy while it is made. Measured against real peaks by
+    bench/local_speed.py (the estimate stays above them).
+    """
+    (source_width, source_height), (width, height) = source, target
+    geometry = _Geometry.of(source, target, strategy)
+    rows = _strip_rows(width) + 2 * geometry.margin
+    r0, r1 = geometry.input_rows(0, rows)
+    input_bytes = copies * 4 * source_width * source_height
+    strip_bytes = 4 * (r1 - r0) * (source_width + width) + 6 * 4 * rows * width
+    output_bytes = 0
+    if kind == "WEBP":  # the whole picture plus libwebp's own copies: 16 B/px measured at 108 MP
+        output_bytes = 16 * width * height
+    return input_bytes + strip_bytes + output_bytes + (16 << 20)
+
+
+# ---------------------------------------------------------------------------- decoding
+
+
+@dataclass
+class Decoded:
+    image: Image.Image          # RGB or RGBA, upright
+    format: str                 # the input's format (Pillow's name)
+    icc: bytes | None           # the profile the output's pixels are in, if any
+    exif: Image.Exif | None
+
+
+def decode(source: Path) -> Decoded:
+    """Decode the first frame upright, as RGB or RGBA, with its profile and EXIF. ImageError if damaged."""
+    try:
+        opened = Image.open(source)
+    except Image.UnidentifiedImageError:
+        raise ImageError("not an image folderd can read (the format is not recognised)") from None
+    except OSError as error:
+        raise ImageError(f"the image cannot be opened ({_describe(error)})") from None
+    try:
+        fmt = str(opened.format)
+        icc, exif = metadata_of(opened)
+        if exif is not None:
+            for ifd in (0x8769, 0x8825):  # read the sub-IFDs while the file is open
+                try:
+                    exif.get_ifd(ifd)
+                except Exception:
+                    pass
+        if opened.width * opened.height > MAX_INPUT_PIXELS:
+            raise ImageError(f"the image is {opened.width}x{opened.height}, over folderd's limit of {MAX_INPUT_PIXELS:,} pixels")
+        try:
+            opened.seek(0)
+            opened.load()
+            ImageOps.exif_transpose(opened, in_place=True)
+            cmyk = opened.mode == "CMYK"
+            flat = flatten_mode(opened)
+        except ImageError:
+            raise
+        except MemoryError:
+            raise ImageError(f"out of memory decoding a {opened.width}x{opened.height} image") from None
+        except Exception as error:
+            raise ImageError(f"the image data is damaged or truncated ({_describe(error)})") from None
+        # Share the pixels with a new Image object, so closing the file does not free them.
+        image = flat._new(flat.im) if flat is opened else flat
+        image.info = {}
+    finally:
+        opened.close()
+    return Decoded(image, fmt, None if cmyk else icc_for_rgb(icc), exif)
+
+
+# ---------------------------------------------------------------------------- encoders
+
+
+def _jpeg_segments(data: bytes) -> tuple[list[tuple[int, bytes]], int]:
+    """A JPEG's header segments up to and including SOS as (marker, bytes), and where its scan data begins."""
+    if data[:2] != b"\xff\xd8":
+        raise ValueError("not a JPEG")
+    position, segments = 2, []
+    while True:
+        if data[position] != 0xFF:
+            raise ValueError("JPEG header out of step")
+        marker = data[position + 1]
+        length = struct.unpack(">H", data[position + 2 : position + 4])[0]
+        segments.append((marker, data[position : position + 2 + length]))
+        position += 2 + length
+        if marker == 0xDA:
+            return segments, position
+
+
+def _scan_data(data: bytes) -> bytes:
+    _, start = _jpeg_segments(data)
+    if data[-2:] != b"\xff\xd9":
+        raise ValueError("JPEG strip without EOI")
+    return data[start:-2]
+
+
+_JPEG_MCU = {0: (8, 8), 1: (16, 8), 2: (16, 16)}  # Pillow's subsampling: 4:4:4, 4:2:2, 4:2:0
+
+
+def _jpeg_rows(width: int, subsampling: int) -> int:
+    """Strip rows for JPEG: whole MCU rows, and a restart interval (MCUs a strip) under 65536."""
+    mcu_width, mcu_height = _JPEG_MCU[subsampling]
+    per_row = -(-width // mcu_width)
+    rows = min(_strip_rows(width), (65_535 // per_row) * mcu_height)
+    return max(mcu_height, rows - rows % 16)
+
+
+def _write_jpeg(out: BinaryIO, strips: Iterator[tuple[int, Image.Image]], width: int, height: int, rows: int, options: dict[str, Any]) -> None:
+    """Encode strip by strip and join them into one baseline JPEG with a restart marker between strips."""
+    subsampling = options["subsampling"]
+    mcu_width, mcu_height = _JPEG_MCU[subsampling]
+    interval = -(-width // mcu_width) * (rows // mcu_height)
+    tables: list[bytes] | None = None
+    for index, (_, strip) in enumerate(strips):
+        buffer = io.BytesIO()
+        if index == 0:
+            strip.save(buffer, "JPEG", **options)
+            data = buffer.getvalue()
+            if strip.height == height:  # one strip: already the whole image
+                out.write(data)
+                return
+            segments, _ = _jpeg_segments(data)
+            tables = [segment for marker, segment in segments if marker in (0xC4, 0xDB)]
+            header = bytearray(b"\xff\xd8")
+            for marker, segment in segments:
+                if marker in (0xC0, 0xC1):
+                    segment = segment[:5] + struct.pack(">H", height) + segment[7:]
+                elif marker == 0xDA:
+                    header += b"\xff\xdd" + struct.pack(">HH", 4, interval)
+                elif marker in (0xC2, 0xDD):
+                    raise ValueError("the JPEG encoder wrote a progressive scan or restart markers")
+                header += segment
+            out.write(header)
+            out.write(data[_jpeg_segments(data)[1] : -2])
+            continue
+        plain = {key: value for key, value in options.items() if key not in ("icc_profile", "exif", "dpi")}
+        strip.save(buffer, "JPEG", **plain)
+        data = buffer.getvalue()
+        if index == 1:  # joining is only valid with the very same quantisation and Huffman tables
+            segments, _ = _jpeg_segments(data)
+            if [segment for marker, segment in segments if marker in (0xC4, 0xDB)] != tables:
+                raise ValueError("JPEG strips were encoded with different tables")
+        out.write(bytes((0xFF, 0xD0 + (index - 1) % 8)))
+        out.write(_scan_data(data))
+    out.write(b"\xff\xd9")
+
+
+def _png_chunk(out: BinaryIO, kind: bytes, data: bytes) -> None:
+    out.write(struct.pack(">I", len(data)))
+    out.write(kind)
+    out.write(data)
+    out.write(struct.pack(">I", zlib.crc32(data, zlib.crc32(kind)) & 0xFFFFFFFF))
+
+
+def _png_average_filtered(strip: Image.Image, previous: Image.Image | None) -> Image.Image:
+    """PNG filter 3 (Average) of every row of `strip`, bytewise: x - floor((left + up) / 2) mod 256."""
+    from PIL import ImageChops
+
+    width, height = strip.size
+    left = Image.new(strip.mode, strip.size)
+    left.paste(strip.crop((0, 0, width - 1, height)), (1, 0))
+    up = Image.new(strip.mode, strip.size)
+    if previous is not None:
+        up.paste(previous, (0, 0))
+    if height > 1:
+        up.paste(strip.crop((0, 0, width, height - 1)), (0, 1))
+    return ImageChops.subtract_modulo(strip, ImageChops.add(left, up, scale=2.0))
+
+
+def _write_png(out: BinaryIO, strips: Iterator[tuple[int, Image.Image]], width: int, height: int, mode: str, icc: bytes | None, exif: bytes | None) -> None:
+    """A PNG written row band by row band: 8-bit RGB(A), Average filter, deflate as the rows come."""
+    out.write(b"\x89PNG\r\n\x1a\n")
+    _png_chunk(out, b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 6 if mode == "RGBA" else 2, 0, 0, 0))
+    if icc:
+        _png_chunk(out, b"iCCP", b"ICC Profile\x00\x00" + zlib.compress(icc))
+    if exif:
+        _png_chunk(out, b"eXIf", exif[6:] if exif.startswith(b"Exif\x00\x00") else exif)
+    compressor = zlib.compressobj(PNG_COMPRESS_LEVEL)
+    pending = bytearray()
+    previous: Image.Image | None = None
+    stride = width * (4 if mode == "RGBA" else 3)
+    for _, strip in strips:
+        raw = memoryview(_png_average_filtered(strip, previous).tobytes())
+        previous = strip.crop((0, strip.height - 1, width, strip.height))
+        rows = bytearray()
+        for offset in range(0, len(raw), stride):
+            rows += b"\x03"
+            rows += raw[offset : offset + stride]
+        pending += compressor.compress(bytes(rows))
+        while len(pending) >= _IDAT_CHUNK:
+            _png_chunk(out, b"IDAT", bytes(pending[:_IDAT_CHUNK]))
+            del pending[:_IDAT_CHUNK]
+    pending += compressor.flush()
+    _png_chunk(out, b"IDAT", bytes(pending))
+    _png_chunk(out, b"IEND", b"")
+
+
+# ---------------------------------------------------------------------------- the job
+
+
+def upscale(
+    source: Path,
+    destination: Path,
+    width: int,
+    height: int,
+    strategy: str,
+    *,
+    jpeg_quality: int = 92,
+    output: str = "auto",
+) -> str:
     """Upscale the image at `source` to width x height into the new file `destination` (fsynced).
 
-    Return the output's format (JPEG, PNG or WEBP). Raise ImageError for damaged input.
+    `output` is the rule's output.format (auto|jpeg|png|webp): writing the wanted format here
+    spares deliver a decode and a lossy re-encode. Return the output's format (JPEG, PNG or
+    WEBP). Raise ImageError for damaged input, or a job over the memory budget.
     """
-    with Image.open(source) as original:
-        input_format = str(original.format)
-        icc = original.info.get("icc_profile")
-        exif_source = original
-        exif = _exif_for_output(exif_source, width, height)
-    image = load_upright(source)
-    if image.mode == "CMYK":
-        icc = None  # converted to sRGB; the CMYK profile no longer describes the pixels
-    image = flatten_mode(image)
-    has_alpha = image.mode == "RGBA"
-    factor = max(width / image.width, height / image.height)
-    result = image.resize((width, height), Image.Resampling.LANCZOS)
-    del image
-    if strategy == "detailed" and factor > 1:
-        radius = max(0.5, DETAILED_RADIUS_PER_FACTOR * factor)
-        result = result.filter(ImageFilter.UnsharpMask(radius=radius, percent=DETAILED_PERCENT, threshold=DETAILED_THRESHOLD))
-    kind = output_format(input_format, has_alpha)
-    options: dict[str, Any] = {}
-    if icc:
-        options["icc_profile"] = icc
-    if exif:
-        options["exif"] = exif
-    if kind == "JPEG":
-        options.update(quality=jpeg_quality, subsampling=0 if jpeg_quality >= 90 else 2, optimize=False)
-    elif kind == "WEBP":
-        options.update(quality=95, method=3)
-    else:
-        options.update(compress_level=3)
-    buffer = io.BytesIO()
-    result.save(buffer, kind, **options)
-    write_file(destination, buffer.getvalue())
+    try:
+        with Image.open(source) as header:
+            input_format, mode, size = str(header.format), header.mode, header.size
+            orientation = int(header.getexif().get(0x0112, 1) or 1)
+            has_alpha = mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in header.info
+    except Exception as error:
+        raise ImageError(f"the image header is damaged ({_describe(error)})") from None
+    if orientation in (5, 6, 7, 8) and input_format != "TIFF":
+        size = size[1], size[0]
+    kind = OUTPUT_FORMATS.get(output) or output_format(input_format, has_alpha)
+    if kind == "WEBP" and max(width, height) > WEBP_MAX_SIDE:
+        raise ImageError(f"WebP is at most {WEBP_MAX_SIDE} px a side; the target is {width}x{height} (choose output.format png or jpeg)")
+    need = estimate_memory(size, (width, height), strategy, kind)
+    what = f"upscaling {size[0]}x{size[1]} to {width}x{height} ({strategy}, {kind})"
+    advice = "choose a smaller target or raise the budget"
+    if kind == "WEBP":
+        advice = "WebP needs the whole picture in memory: choose output.format jpeg or png (made strip by strip), a smaller target, or raise the budget"
+    with budget.reserve(need, what, advice):
+        try:
+            _upscale(source, destination, width, height, strategy, kind, jpeg_quality)
+        except MemoryError:
+            _remove(destination)
+            raise ImageError(f"{what} ran out of memory") from None
+        except BaseException:
+            _remove(destination)
+            raise
     return kind
+
+
+def _remove(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def _upscale(source: Path, destination: Path, width: int, height: int, strategy: str, kind: str, jpeg_quality: int) -> None:
+    decoded = decode(source)
+    image = decoded.image
+    if kind == "JPEG" and image.mode == "RGBA":  # JPEG has no alpha: flatten on white
+        background = Image.new("RGB", image.size, (255, 255, 255))
+        background.paste(image, mask=image.getchannel("A"))
+        image = background
+    exif = exif_for_output(decoded.exif, width, height, limit=JPEG_EXIF_LIMIT if kind == "JPEG" else None)
+    fd = os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "wb", buffering=1 << 20) as out:
+        if kind == "JPEG":
+            options: dict[str, Any] = {"quality": jpeg_quality, "subsampling": 0 if jpeg_quality >= 90 else 2, "optimize": False}
+            if decoded.icc:
+                options["icc_profile"] = decoded.icc
+            if exif:
+                options["exif"] = exif
+            rows = _jpeg_rows(width, options["subsampling"])
+            _write_jpeg(out, render_strips(image, width, height, strategy, rows=rows), width, height, rows, options)
+        elif kind == "PNG":
+            _write_png(out, render_strips(image, width, height, strategy), width, height, image.mode, decoded.icc, exif)
+        else:
+            icc = decoded.icc
+            canvas = render(image, width, height, strategy)
+            del image, decoded  # the input is no longer needed while libwebp works
+            extra: dict[str, Any] = {"quality": 95, "method": 3}
+            if exif:
+                extra["exif"] = exif
+            if icc:
+                extra["icc_profile"] = icc
+            canvas.save(out, "WEBP", **extra)
+        out.flush()
+        os.fsync(out.fileno())
 
 
 def cpu_count() -> int:

@@ -7,7 +7,7 @@ Safe while the daemon runs: it takes no lock and writes nothing. The JSON form
    "credits": {"remaining", "reported_at", "spent", "spent_today", "spent_this_month",
                "queued_estimate"},
    "folders": {NAME: {"queued", "in_flight", "delivered", "failed", "watch", "watch_reason",
-                      "last_scan", "unavailable", "oldest_pending", "jobs": [
+                      "last_scan", "unavailable", "waiting_in_inbox", "oldest_pending", "jobs": [
                           {"id", "file", "state", "task_id", "age_seconds", "attempts", "error",
                            "held"}]}}}
 """

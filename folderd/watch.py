@@ -221,12 +221,17 @@ class FolderWatcher(threading.Thread):
     def _acceptable(self, relpath: str, info: os.stat_result) -> bool:
         """Only regular files with one link: a planted symlink or hard link could expose another file."""
         problem = unsafe_reason(info)
+        try:
+            relpath.encode("utf-8")
+        except UnicodeEncodeError:  # undecodable bytes (a legacy-encoded name): the ledger is UTF-8 JSON
+            problem = problem or "a file name that is not valid UTF-8; rename it to be taken"
         if problem is None:
             self._warned.discard(relpath)
             return True
         if relpath not in self._warned:
             self._warned.add(relpath)
-            log.warning("skipping file", folder=self.rule.name, file=relpath, reason=problem)
+            printable = relpath.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            log.warning("skipping file", folder=self.rule.name, file=printable, reason=problem)
         return False
 
     def _look_at(self, relpath: str) -> None:
