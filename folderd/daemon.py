@@ -173,6 +173,10 @@ class Daemon:
         return self.exit_code
 
     def _start(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            # First of all: a SIGHUP during start-up (a reload, logrotate) must not kill the
+            # daemon by its default action; the reload is applied once the loop runs.
+            signal.signal(signal.SIGHUP, lambda *_: self.events.put(("reload",)))
         self.ledger.acquire_lock()
         self.ledger.load()
         if self.ledger.dropped_lines:
@@ -199,7 +203,6 @@ class Daemon:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self.request_stop)
             signal.signal(signal.SIGINT, self.request_stop)
-            signal.signal(signal.SIGHUP, lambda *_: self.events.put(("reload",)))
         log.info(
             "folderd started",
             mode="once" if self.once else "run",
@@ -860,6 +863,7 @@ class Daemon:
     # ------------------------------------------------------------------ pausing
 
     _pause_forever = False
+    _next_probe_release = 0.0
 
     def _pause(self, reason: str, *, forever: bool = False) -> None:
         if self.pause_reason != reason:
@@ -883,10 +887,13 @@ class Daemon:
             return False
         if now < self.pause_until:
             return True
-        if self.deferred:
-            # Time to try again: let one deferred file in, its first call probes the key. The
-            # others stay in the inbox until the key works (_unpause lets them all in).
-            self.pause_until = now + self.config.clipdrop.pause_retry
+        # Time to try again: the queued calls go, the first answer probes the key (a refusal
+        # pauses again, from then). pause_until is left alone here, so that whichever caller
+        # asks first, _dispatch too sees the pause over. For when no job is waiting on the
+        # API, one deferred file is let in per pause_retry to probe with; the others stay in
+        # the inbox until the key works (_unpause lets them all in).
+        if self.deferred and now >= self._next_probe_release:
+            self._next_probe_release = now + self.config.clipdrop.pause_retry
             key, candidate = next(iter(self.deferred.items()))
             del self.deferred[key]
             if key not in self.claiming:

@@ -22,6 +22,7 @@ from folderd.fsutil import (
     TEMP_PREFIX,
     atomic_write,
     candidate_names,
+    ensure_subdir,
     fsync_dir,
     move_noclobber,
     place_noclobber,
@@ -44,8 +45,7 @@ def split_relpath(relpath: str) -> tuple[list[str], str]:
 def output_temp(rule: FolderRule, job: dict[str, Any]) -> Path:
     """Where a result is written before it has its final name (hidden, in the outbox)."""
     subdirs, _ = split_relpath(job["source"])
-    directory = rule.outbox.joinpath(*subdirs)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = ensure_subdir(rule.outbox, subdirs)
     return directory / f"{TEMP_PREFIX}{job['id']}.part"
 
 
@@ -140,7 +140,7 @@ def archive(rule: FolderRule, job: dict[str, Any]) -> dict[str, Any]:
             os.unlink(work)
             fsync_dir(work.parent)
         else:
-            updates["archived_to"] = str(move_noclobber(work, rule.done.joinpath(*subdirs), name))
+            updates["archived_to"] = str(move_noclobber(work, ensure_subdir(rule.done, subdirs), name))
     return updates
 
 
@@ -148,8 +148,7 @@ def fail(rule: FolderRule, job: dict[str, Any]) -> dict[str, Any]:
     """Move the original to failed/ with NAME.error.json saying why; return the updates (state failed)."""
     work = Path(job["work"])
     subdirs, name = split_relpath(job["source"])
-    directory = rule.failed.joinpath(*subdirs)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = ensure_subdir(rule.failed, subdirs)
     if not work.exists():
         previous = _find_sidecar(directory, job["id"])
         return {"state": "failed", "failed_to": str(previous) if previous else None}
@@ -160,6 +159,13 @@ def fail(rule: FolderRule, job: dict[str, Any]) -> dict[str, Any]:
     for candidate in candidate_names(directory, stem, suffix):
         sidecar = candidate.with_name(candidate.name + ERROR_SUFFIX)
         if os.path.lexists(candidate) or os.path.lexists(sidecar):
+            if not os.path.lexists(candidate) and _sidecar_job(sidecar) == job["id"]:
+                # A crash came between writing this job's sidecar and moving the file: finish the move.
+                moved = move_noclobber(work, directory, candidate.name)
+                if moved != candidate:
+                    os.replace(sidecar, moved.with_name(moved.name + ERROR_SUFFIX))
+                fsync_dir(directory)
+                return {"state": "failed", "failed_to": str(moved)}
             continue
         report = {
             "file": job["source"],
@@ -187,6 +193,14 @@ def fail(rule: FolderRule, job: dict[str, Any]) -> dict[str, Any]:
         fsync_dir(directory)
         return {"state": "failed", "failed_to": str(moved)}
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _sidecar_job(sidecar: Path) -> str | None:
+    """The job id a NAME.error.json names, or None if it cannot be read."""
+    try:
+        return json.loads(sidecar.read_text(encoding="utf-8")).get("job_id")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _find_sidecar(directory: Path, job_id: str) -> Path | None:

@@ -171,3 +171,20 @@ def move_noclobber(source: Path, directory: Path, name: str) -> Path:
 
 def same_file(first: os.stat_result, second: os.stat_result) -> bool:
     return (first.st_dev, first.st_ino) == (second.st_dev, second.st_ino)
+
+
+def ensure_subdir(base: Path, parts: list[str]) -> Path:
+    """base/parts..., creating what is missing, where no component below `base` may be a
+    symbolic link: one planted in an outbox, done or failed folder (its sub-folders mirror
+    the inbox's) would send results and originals somewhere else. Raise OSError(ELOOP)."""
+    base.mkdir(parents=True, exist_ok=True)
+    path = base
+    for part in parts:
+        path = path / part
+        try:
+            os.mkdir(path)
+        except FileExistsError:
+            pass
+        if not os.path.isdir(path) or os.path.islink(path):
+            raise OSError(errno.ELOOP, "a symbolic link or not a folder; folderd does not write through it", str(path))
+    return path
