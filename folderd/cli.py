@@ -59,7 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         print(error, file=sys.stderr)
         return 2
     if arguments.command in ("run", "once"):
-        logs.configure(arguments.log_level or config.log_level, arguments.log_format or config.log_format)
+        level = arguments.log_level or config.log_level
+        if arguments.command == "once" and not arguments.log_level and level in ("debug", "info") and sys.stderr.isatty():
+            level = "warning"  # on a terminal the progress bar tells the story; info lines would break it
+        logs.configure(level, arguments.log_format or config.log_format)
         from folderd.daemon import Daemon
 
         return Daemon(config, once=arguments.command == "once").run()

@@ -130,13 +130,25 @@ def configure(level: str = "info", fmt: str = "auto", stream: Any = None) -> Non
         root.removeHandler(handler)
     handler = logging.StreamHandler(stream)
     handler.addFilter(_RedactingFilter())
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    if journal_send is None:
+        # Other libraries' log records are rendered like folderd's own (JSON lines stay JSON).
+        handler.setFormatter(
+            structlog.stdlib.ProcessorFormatter(
+                processor=renderer,
+                foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+            )
+        )
+    else:
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)
     root.setLevel(max(numeric, logging.INFO))
     # urllib3 logs request lines with full URLs at debug level; keep it quiet.
     logging.getLogger("urllib3").setLevel(logging.WARNING)
     logging.getLogger("PIL").setLevel(logging.WARNING)
     logging.getLogger("watchdog").setLevel(logging.WARNING)
+    # watchdog reports an emitter stopped while an inbox is unscheduled (a reload) as an
+    # error; folderd reports real watching failures itself.
+    logging.getLogger("watchdog.observers.inotify").setLevel(logging.CRITICAL)
 
 
 def get(name: str = "folderd") -> Any:
