@@ -283,7 +283,7 @@ CLIPDROP_KEYS: dict[str, Option] = {
     "api_key_file": Option(_path, None, "File holding the API key (mode 0600). systemd's $CREDENTIALS_DIRECTORY/clipdrop_api_key wins over both.", "/etc/folderd/clipdrop_api_key"),
     "base_url": Option(_url, "https://clipdrop-api.co", "The API's base URL; the key is sent nowhere else.", "https://clipdrop-api.co"),
     "requests_per_minute": Option(_integer(1, 100_000), 60, "One budget shared by every call (submit, status, result).", 60),
-    "burst": Option(_integer(1, 1000), 2, "Calls that may go back to back after an idle spell.", 2),
+    "burst": Option(_integer(1, 1000), 1, "Calls that may go back to back after an idle spell (1: none; more risks a 429 where the API counts a sliding window).", 1),
     "poll_interval": Option(_duration(0.05), 5.0, "How often to ask about a queued task when the API gives no eta.", "5s"),
     "timeout": Option(_duration(0.1), 120.0, "Longest wait for one HTTP response.", "120s"),
     "max_attempts": Option(_integer(1, 100), 6, "Tries of one call on transient faults (5xx, 429, resets) before the file fails.", 6),

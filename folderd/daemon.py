@@ -118,7 +118,8 @@ class Daemon:
         self.observer: Any = None
         self.timers: list[tuple[float, int, str]] = []
         self.sequence = itertools.count()
-        self.queue_io: deque[str] = deque()
+        self.queue_io: deque[str] = deque()          # prepare
+        self.queue_io_finish: deque[str] = deque()   # copy, deliver, archive, fail
         self.queue_local: deque[str] = deque()
         self.queue_api: list[deque[str]] = [deque(), deque(), deque()]
         self.claims: deque[Candidate] = deque()
@@ -129,11 +130,14 @@ class Daemon:
         self.failed_this_run = 0
         self.state_counts: dict[str, int] = {}
         self.task_estimate: float | None = None
+        self.task_durations: deque[float] = deque(maxlen=50)
         self.next_status_write = 0.0
         self.next_watchdog = 0.0
         self.status_dirty = True
         self.status_watch: dict[str, Any] = {}  # what status.json last said of the watchers
         self.pools: dict[str, WorkerPool] = {}
+        # Jobs claimed but not yet with a backend at most: enough to keep every worker busy.
+        self.claim_window = max(16, 4 * (config.clipdrop.concurrency + config.local_workers))
         self.spending = Spending()
         self.held: dict[str, str] = {}          # job id -> why a credit cap holds it
         self.next_held_check = 0.0
@@ -217,6 +221,23 @@ class Daemon:
         for rule in self.config.folders:
             self._start_watcher(rule)
 
+    @staticmethod
+    def _no_move_delay() -> None:
+        """watchdog holds an unpaired IN_MOVED_FROM for 0.5 s to pair it with a move-to, and
+        events queue behind it; every claim (a rename out of the watched inbox) makes one.
+        folderd uses events only as hints, so pairing is worthless here: no delay."""
+        try:
+            from watchdog.observers import inotify_move_event_grouper
+
+            inotify_move_event_grouper.InotifyMoveEventGrouper.delay = 0  # type: ignore[misc]
+        except (ImportError, AttributeError):  # older watchdog: the buffer had the delay
+            try:
+                from watchdog.observers import inotify_buffer
+
+                inotify_buffer.InotifyBuffer.delay = 0  # type: ignore[attr-defined,misc]
+            except (ImportError, AttributeError):
+                pass
+
     def _start_watcher(self, rule: FolderRule) -> None:
         watcher = FolderWatcher(rule, lambda candidate: self.events.put(("candidate", candidate)), once=self.once, clock=self.clock)
         self.watchers[rule.name] = watcher
@@ -224,6 +245,8 @@ class Daemon:
             try:
                 if self.observer is None:
                     from watchdog.observers import Observer
+
+                    self._no_move_delay()
 
                     self.observer = Observer()
                     self.observer.start()
@@ -279,7 +302,7 @@ class Daemon:
             ensure_work_root(rule.inbox, self.daemon_id)
             self._start_watcher(rule)
         settings = new.clipdrop
-        self.limiter.interval = 60.0 / settings.requests_per_minute
+        self.limiter.interval = 60.0 / settings.requests_per_minute * RateLimiter.MARGIN
         self.limiter.tolerance = self.limiter.interval * (max(1, settings.burst) - 1)
         self.backoff_base = settings.retry_backoff
         if new.uses_clipdrop():
@@ -475,7 +498,7 @@ class Daemon:
     def _enqueue(self, job: dict[str, Any]) -> None:
         pool, priority = self._route_of(job)
         if pool == "io":
-            self.queue_io.append(job["id"])
+            (self.queue_io if job["state"] == "claimed" else self.queue_io_finish).append(job["id"])
         elif pool == "local":
             self.queue_local.append(job["id"])
         else:
@@ -536,21 +559,26 @@ class Daemon:
             else:
                 self.scheduled.discard(job_id)
         launches: list[tuple[str, str, Callable[[], Any], Any]] = []
-        io = self.pools["io"]
-        free_io = io.free
-        while self.claims and free_io > 0:
+        # Later stages first: finishing a job (deliver, archive, fail) frees its place before
+        # a new one is prepared, and a new file is claimed only while few jobs wait for a
+        # backend. The rest stay in their inbox, visible, and the ledger stays small.
+        free_io = self.pools["io"].free
+        for pending in (self.queue_io_finish, self.queue_io):
+            while pending and free_io > 0:
+                launches.append(self._launch("io", self.ledger.jobs[pending.popleft()]))
+                free_io -= 1
+        free_local = self.pools["local"].free
+        while self.queue_local and free_local > 0:
+            launches.append(self._launch("local", self.ledger.jobs[self.queue_local.popleft()]))
+            free_local -= 1
+        waiting = len(self.queue_io) + len(self.queue_local) + len(self.queue_api[SUBMIT]) + len(self.claiming) - len(self.claims)
+        room = self.claim_window - waiting
+        while self.claims and free_io > 0 and room > 0:
             candidate = self.claims.popleft()
             rule = self.rules[candidate.folder]
             launches.append(("io", "claim", _bind_claim(rule, candidate, self.daemon_id), (candidate.folder, candidate.relpath)))
             free_io -= 1
-        for pool_name, pending in (("io", self.queue_io), ("local", self.queue_local)):
-            free = free_io if pool_name == "io" else self.pools["local"].free
-            while pending and free > 0:
-                job = self.ledger.jobs[pending.popleft()]
-                launches.append(self._launch(pool_name, job))
-                free -= 1
-            if pool_name == "io":
-                free_io = free
+            room -= 1
         if self.client is not None and not self._paused(now):
             free_api = self.pools["api"].free
             if self.pause_reason is not None:
@@ -752,18 +780,23 @@ class Daemon:
     def _learn(self, elapsed: float, *, completed: bool, eta_duration: float | None) -> None:
         """Tune when to ask first about a new task, from how the first poll of this one went.
 
-        Queued at the first poll: we asked too early. With an eta the task's duration is known
-        (a little margin is added); without, grow the estimate. Completed at the first poll:
-        we may have waited too long, so shrink the estimate slowly, to follow tasks that get
-        faster at the cost of an occasional extra call. Most tasks then cost one status call.
+        Each first poll gives a sample of how long tasks take: the eta's duration when the API
+        gives one; else a bound (done: at most the time waited; queued: more than it). The
+        first poll of a new task goes at the 90th percentile of the last 50 samples, so most
+        tasks cost one status call and few are asked about too early.
         """
-        estimate = self.task_estimate if self.task_estimate is not None else elapsed
-        if completed:
-            self.task_estimate = estimate * 0.97
-        elif eta_duration is not None and eta_duration > 0:
-            self.task_estimate = eta_duration * 1.05 + 0.05
+        if eta_duration is not None and eta_duration > 0:
+            sample = eta_duration  # the API said how long the task takes
+        elif completed:
+            # Done by the time we asked: the task took at most this long. Counted a little
+            # shorter, so the estimate can follow tasks that get faster.
+            sample = elapsed * 0.95
         else:
-            self.task_estimate = max(estimate, elapsed) * 1.3
+            sample = elapsed * 1.5  # still queued, no eta: it takes longer than we waited
+        self.task_durations.append(sample)
+        ordered = sorted(self.task_durations)
+        # Ask at the 90th percentile of recent durations: most tasks are done by then.
+        self.task_estimate = ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))] + 0.05
 
     def _on_api_error(self, step: str, job: dict[str, Any], error: ApiError) -> None:
         settings = self.config.clipdrop

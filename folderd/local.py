@@ -1,41 +1,50 @@
 """The embedded local engine: upscaling with no network and nothing to pay.
 
 Strategies
-    smooth    Lanczos-3 resampling (Pillow's), alpha premultiplied.
-    detailed  the same, then an unsharp mask on the colour channels (never on alpha) with
-              radius = DETAILED_RADIUS_PER_FACTOR x the upscale factor (px of the output),
-              amount DETAILED_PERCENT %, threshold DETAILED_THRESHOLD levels (differences
-              below it are left alone, so flat areas and JPEG noise are not amplified).
-              Applies only when the image is enlarged; a reduction is plain Lanczos.
+    smooth    Lanczos-3 resampling (Pillow's: the very same pixels), alpha premultiplied.
+    detailed  the same, then an unsharp mask on the colour channels (never on alpha):
+              U + amount x (U - blur(U)) wherever |U - blur(U)| >= threshold, blur a Gaussian of
+              sigma DETAILED_RADIUS_PER_FACTOR x the upscale factor (output px), amount
+              DETAILED_PERCENT %, threshold DETAILED_THRESHOLD levels (smaller differences, flat
+              areas and faint JPEG noise, are left alone). Only when the image is enlarged; a
+              reduction is plain Lanczos. blur(U) is computed as Lanczos(blur'(input)): see
+              "rendering" below.
 
-The parameters were chosen with bench/quality.py (PSNR and SSIM of an upscaled box-downscaled
-photo against the original, at 2x and 4x, on scikit-image's photos, with lossless and
-JPEG-q85 inputs). The grid and the measured values are in bench/README.md.
+The parameters were chosen with bench/quality.py --tune (PSNR and SSIM of box-downscaled
+photos upscaled back, against the originals, at 2x and 4x, from lossless and JPEG-q85
+inputs, on scikit-image's photos); the grid and the scores are in bench/README.md.
 
 Bounded memory
     The output is made in horizontal strips. Each strip is resampled from just the input rows
-    that its Lanczos support reads (horizontal pass, then vertical), with extra output rows
-    above and below for the unsharp mask's blur, which are cut off again: the strips put
-    together equal the whole-image result (`render_whole`) to within one level of rounding.
-    JPEG and PNG are encoded as the strips come, so a full-size output never exists in memory:
+    its Lanczos support reads (horizontal pass, then vertical); the strips put together equal
+    the whole-image result (`render_whole`) to within a level of rounding. JPEG and PNG are
+    encoded as the strips come, so a full-size output never exists in memory:
       JPEG  each strip is a baseline JPEG of its own (same tables: optimize off); their
             entropy-coded data are joined with restart markers (DRI = one strip), which is a
             valid single JPEG whose pixels are exactly those of a whole-image encode.
       PNG   folderd writes the PNG itself: rows with the Average filter (within 1 % of
             Pillow's adaptive filtering on photos), deflated as they come.
-      WebP  libwebp needs the whole picture: the strips are assembled into one image first.
-    Before decoding, each job reserves its estimated peak from a memory budget shared by the
-    engine's workers (FOLDERD_LOCAL_MEMORY_BUDGET, e.g. "2GB"; by default half the machine's
-    or the cgroup's memory). A job that could never fit fails with ImageError saying so; one
-    that fits but not beside the jobs now running waits for them.
+      WebP  libwebp needs the whole picture: the strips are assembled into one image first
+            (about 16 bytes an output pixel at the peak).
+    4000x3000 -> 12000x9000 detailed to JPEG peaks under 200 MB RSS (Pillow's whole-image
+    path: 1.3 GB); bench/local_speed.py measures it. Before decoding, each job reserves its
+    estimated peak (estimate_memory) from a budget shared by the engine's workers
+    (FOLDERD_LOCAL_MEMORY_BUDGET, e.g. "2GB", or set_memory_budget(); by default half the
+    machine's or the cgroup's memory). A job that could never fit fails with an ImageError
+    that says so; one that fits, but not beside the jobs now running, waits for them.
 
 Inputs and metadata
     Any format imaging.probe() takes: JPEG (CMYK converted to sRGB through its profile),
-    PNG (16-bit scaled to 8, palette and alpha), WebP, TIFF, BMP, GIF, HEIC/HEIF, AVIF.
-    Multi-frame files (TIFF pages, GIF/WebP animations, HEIF sequences) give their FIRST
-    frame/page only. EXIF orientation is applied before anything else; the output carries
-    the input's ICC profile (when it describes RGB) and EXIF (orientation 1, pixel
-    dimensions updated: imaging.exif_for_output).
+    PNG (16-bit scaled to 8 bits, palette, alpha), WebP, TIFF, BMP, GIF, HEIC/HEIF, AVIF.
+    Multi-frame files give their FIRST frame or page only (TIFF pages, GIF/WebP animations,
+    HEIF sequences: the primary image). EXIF orientation is applied before anything else.
+    The output carries the input's ICC profile (when it describes RGB: a CMYK or grey
+    profile no longer describes the pixels) and EXIF (orientation 1, pixel dimensions
+    updated, a TIFF's layout tags dropped: imaging.exif_for_output).
+
+Several files at once run in the daemon's "local" worker pool (config local_workers, by
+default one a core): Pillow releases the GIL while it decodes, resamples, filters and
+encodes, so 2 workers beat 1 (bench/local_speed.py).
 """
 
 from __future__ import annotations
@@ -49,10 +58,11 @@ import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from PIL import Image, ImageFilter, ImageOps
+from PIL import Image, ImageChops, ImageFilter, ImageOps
 
 from folderd.errors import ImageError
 from folderd.imaging import (
@@ -65,10 +75,17 @@ from folderd.imaging import (
     metadata_of,
 )
 
-# Chosen with bench/quality.py; see the module docstring and bench/README.md.
-DETAILED_RADIUS_PER_FACTOR = 0.5
-DETAILED_PERCENT = 80
-DETAILED_THRESHOLD = 2
+# Chosen with bench/quality.py --tune (grid and scores in bench/README.md): among radius
+# 0.25-0.5 x factor, amount 50-100 % and threshold 0-6, the combination whose worst case
+# (2x and 4x; lossless and JPEG-q85 inputs) gains most over plain Lanczos on both PSNR and
+# SSIM. The worst case is always 2x from a JPEG: at 0.5 x factor every amount sharpens its
+# block noise into a loss (-0.03 dB at 50 %); at 0.4 x factor and 50 % a threshold of 4
+# levels turns that into a gain (+0.030 dB, SSIM +0.0018) for 0.03 dB less on lossless
+# inputs. Thresholds under 3 do nothing at amounts under 100 % (a 1-level difference times
+# 0.5 rounds to 0).
+DETAILED_RADIUS_PER_FACTOR = 0.4
+DETAILED_PERCENT = 50
+DETAILED_THRESHOLD = 4
 
 LANCZOS = Image.Resampling.LANCZOS
 LANCZOS_SUPPORT = 3.0
@@ -94,16 +111,8 @@ def output_format(input_format: str, has_alpha: bool) -> str:
 
 
 def detailed_radius(factor: float) -> float:
-    """The unsharp mask's radius (Gaussian sigma, output px) for an upscale by `factor`."""
-    return max(0.5, DETAILED_RADIUS_PER_FACTOR * factor)
-
-
-def _blur_margin(radius: float) -> int:
-    """Output rows an unsharp mask of `radius` reads beyond a strip.
-
-    Pillow's Gaussian blur is three box blurs, each reaching floor(r') + 1 px with r' <= radius.
-    """
-    return 3 * (math.ceil(radius) + 1) + 2
+    """The unsharp mask's radius (Gaussian sigma, output px) for an upscale by `factor`: 0.8 px at 2x, 1.6 px at 4x."""
+    return DETAILED_RADIUS_PER_FACTOR * factor
 
 
 def _strip_rows(width: int) -> int:
@@ -114,6 +123,92 @@ def _strip_rows(width: int) -> int:
 
 
 # ---------------------------------------------------------------------------- rendering
+#
+# detailed = U + amount x (U - blur(U)) where |U - blur(U)| >= threshold, U the Lanczos result
+# and blur a Gaussian of sigma DETAILED_RADIUS_PER_FACTOR x factor output pixels: an unsharp
+# mask whose radius grows with the factor. Blurring and resampling are both linear and
+# shift-invariant, so blur(U) is computed as Lanczos(blur'(input)) where blur' is the same
+# Gaussian at input resolution (sigma DETAILED_RADIUS_PER_FACTOR input px, as the 5x5
+# band-limited kernel below): a blur of a factor^2 smaller image, and the strips need no
+# extra rows for it. Sharpening a 4 MP output so costs 95 ms instead of the 130 ms of
+# Pillow's UnsharpMask on the output (its box blurs alone cost more than the resampling);
+# bench/quality.py scores that textbook form beside it (bench/README.md).
+
+
+@lru_cache(maxsize=8)
+def _gaussian_taps(sigma: float) -> tuple[float, ...]:
+    """5 taps of a Gaussian of `sigma` px applied to a band-limited (sampled) signal.
+
+    h[n] = integral over |f| < 1/2 of exp(-2 pi^2 sigma^2 f^2) cos(2 pi f n) df, normalised: for
+    sigma under a pixel, sampling exp(-n^2 / 2 sigma^2) itself would be nearly the identity.
+    """
+    steps = 4000
+    taps = []
+    for n in range(-2, 3):
+        total = 0.0
+        for step in range(steps):
+            f = (step + 0.5) / steps - 0.5
+            total += math.exp(-2 * math.pi**2 * sigma**2 * f * f) * math.cos(2 * math.pi * f * n)
+        taps.append(total / steps)
+    norm = sum(taps)
+    return tuple(tap / norm for tap in taps)
+
+
+def _pad2(piece: Image.Image) -> Image.Image:
+    """`piece` with 2 px of its own edge pixels around it (Pillow's 5x5 filter leaves 2 px unfiltered)."""
+    width, height = piece.size
+    padded = Image.new(piece.mode, (width + 4, height + 4))
+    padded.paste(piece, (2, 2))
+    for offset in (0, 1):  # the outer rows, then the outer columns (corners included)
+        padded.paste(piece.crop((0, 0, width, 1)), (2, offset))
+        padded.paste(piece.crop((0, height - 1, width, height)), (2, height + 2 + offset))
+    for offset in (0, 1):
+        padded.paste(padded.crop((2, 0, 3, height + 4)), (offset, 0))
+        padded.paste(padded.crop((width + 1, 0, width + 2, height + 4)), (width + 2 + offset, 0))
+    return padded
+
+
+def blurred_input(image: Image.Image, sigma: float, *, band: int = 256) -> Image.Image:
+    """`image` (RGB or RGBA, RGBA blurred premultiplied) under a Gaussian of `sigma` px, edges replicated.
+
+    Made in bands of rows, so that it costs one more copy of the input and no more.
+    """
+    taps = _gaussian_taps(round(sigma, 4))
+    kernel = ImageFilter.Kernel((5, 5), [a * b for a in taps for b in taps], scale=1)
+    mode = "RGBa" if image.mode == "RGBA" else image.mode
+    width, height = image.size
+    blurred = Image.new(mode, image.size)
+    for top in range(0, height, band):
+        bottom = min(height, top + band)
+        first, last = max(0, top - 2), min(height, bottom + 2)
+        piece = image.crop((0, first, width, last))
+        if mode == "RGBa":
+            piece = piece.convert("RGBa")
+        filtered = _pad2(piece).filter(kernel)
+        blurred.paste(filtered.crop((2, 2 + top - first, width + 2, 2 + bottom - first)), (0, top))
+    return blurred.convert("RGBA") if mode == "RGBa" else blurred
+
+
+@lru_cache(maxsize=8)
+def _mask_table(percent: int, threshold: int) -> list[int]:
+    """For d = U - blur + 128: 128 + the correction Pillow's UnsharpMask would add, per channel."""
+    table = []
+    for value in range(256):
+        difference = value - 128
+        correction = 0 if abs(difference) < threshold else int(difference * percent / 100)
+        table.append(max(0, min(255, 128 + correction)))
+    return table * 3
+
+
+def sharpen(sharp: Image.Image, blurred: Image.Image) -> Image.Image:
+    """Unsharp-mask `sharp` given its blurred version: colours only, never the alpha edge."""
+    alpha = None
+    if sharp.mode == "RGBA":
+        alpha = sharp.getchannel("A")
+        sharp, blurred = sharp.convert("RGB"), blurred.convert("RGB")
+    difference = ImageChops.subtract(sharp, blurred, 1.0, 128)
+    result = ImageChops.add(sharp, difference.point(_mask_table(DETAILED_PERCENT, DETAILED_THRESHOLD)), 1.0, -128)
+    return Image.merge("RGBA", (*result.split(), alpha)) if alpha is not None else result
 
 
 @dataclass(frozen=True)
@@ -121,15 +216,11 @@ class _Geometry:
     source: tuple[int, int]
     target: tuple[int, int]
     sharpen: bool
-    radius: float
-    margin: int
 
     @classmethod
     def of(cls, source: tuple[int, int], target: tuple[int, int], strategy: str) -> _Geometry:
         factor = max(target[0] / source[0], target[1] / source[1])
-        sharpen = strategy == "detailed" and factor > 1
-        radius = detailed_radius(factor) if sharpen else 0.0
-        return cls(source, target, sharpen, radius, _blur_margin(radius) if sharpen else 0)
+        return cls(source, target, strategy == "detailed" and factor > 1)
 
     def input_rows(self, first: int, last: int) -> tuple[int, int]:
         """Input rows [r0, r1) that Lanczos reads to make output rows [first, last)."""
@@ -139,14 +230,6 @@ class _Geometry:
         r0 = max(0, math.floor((first + 0.5) * scale - support) - 2)
         r1 = min(source_height, math.ceil((last - 0.5) * scale + support) + 2)
         return r0, r1
-
-
-def _unsharp(band: Image.Image, geometry: _Geometry) -> Image.Image:
-    mask = ImageFilter.UnsharpMask(radius=geometry.radius, percent=DETAILED_PERCENT, threshold=DETAILED_THRESHOLD)
-    if band.mode == "RGBA":  # sharpen the colours, never the alpha edge
-        alpha = band.getchannel("A")
-        return Image.merge("RGBA", (*band.convert("RGB").filter(mask).split(), alpha))
-    return band.filter(mask)
 
 
 def _resample(image: Image.Image, first: int, last: int, geometry: _Geometry) -> Image.Image:
@@ -173,18 +256,17 @@ def _resample(image: Image.Image, first: int, last: int, geometry: _Geometry) ->
 def render_strips(image: Image.Image, width: int, height: int, strategy: str, *, rows: int | None = None) -> Iterator[tuple[int, Image.Image]]:
     """Yield (top, strip) for the upscaled image, top to bottom; strips are `rows` high but the last.
 
-    `image` is RGB or RGBA (imaging.flatten_mode). Memory: a few strips, never the whole output.
+    `image` is RGB or RGBA (imaging.flatten_mode). Memory: the input (twice for detailed: it
+    and its blurred copy) and a few strips, never the whole output.
     """
     geometry = _Geometry.of(image.size, (width, height), strategy)
+    blurred = blurred_input(image, DETAILED_RADIUS_PER_FACTOR) if geometry.sharpen else None
     rows = rows or _strip_rows(width)
     for top in range(0, height, rows):
         bottom = min(height, top + rows)
-        first, last = max(0, top - geometry.margin), min(height, bottom + geometry.margin)
-        band = _resample(image, first, last, geometry)
-        if geometry.sharpen:
-            band = _unsharp(band, geometry)
-        if (first, last) != (top, bottom):
-            band = band.crop((0, top - first, width, bottom - first))
+        band = _resample(image, top, bottom, geometry)
+        if blurred is not None:
+            band = sharpen(band, _resample(blurred, top, bottom, geometry))
         yield top, band
 
 
@@ -192,7 +274,9 @@ def render_whole(image: Image.Image, width: int, height: int, strategy: str) -> 
     """The same result made at once, the reference the strips are tested against (needs the memory)."""
     geometry = _Geometry.of(image.size, (width, height), strategy)
     result = _resample(image, 0, height, geometry)
-    return _unsharp(result, geometry) if geometry.sharpen else result
+    if geometry.sharpen:
+        result = sharpen(result, _resample(blurred_input(image, DETAILED_RADIUS_PER_FACTOR), 0, height, geometry))
+    return result
 
 
 def render(image: Image.Image, width: int, height: int, strategy: str) -> Image.Image:
@@ -298,8 +382,10 @@ def estimate_memory(source: tuple[int, int], target: tuple[int, int], strategy: 
     """
     (source_width, source_height), (width, height) = source, target
     geometry = _Geometry.of(source, target, strategy)
-    rows = _strip_rows(width) + 2 * geometry.margin
+    rows = _strip_rows(width)
     r0, r1 = geometry.input_rows(0, rows)
+    if geometry.sharpen:  # the blurred input
+        copies += 1
     input_bytes = copies * 4 * source_width * source_height
     strip_bytes = 4 * (r1 - r0) * (source_width + width) + 6 * 4 * rows * width
     output_bytes = 0

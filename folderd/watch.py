@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import errno
 import fnmatch
+import functools
 import heapq
 import os
 import queue
+import re
 import stat
 import threading
 import time
@@ -60,6 +62,8 @@ class _Entry:
     incomplete_reason: str = ""
     emitted: Signature | None = None
     emitted_at: float = 0.0
+    verdict: str = ""
+    reason: str = ""
 
 
 def mount_of(path: Path, mountinfo: str = "/proc/self/mountinfo") -> tuple[str, str]:
@@ -94,9 +98,14 @@ def choose_method(rule: FolderRule) -> tuple[str, str]:
     return "native", f"{fstype} mount at {point}"
 
 
+@functools.lru_cache(maxsize=256)
+def _compiled(patterns: tuple[str, ...]) -> re.Pattern[str]:
+    return re.compile("|".join(f"(?:{fnmatch.translate(pattern.lower())})" for pattern in patterns) or "(?!)")
+
+
 def matches(name: str, patterns: tuple[str, ...]) -> bool:
-    lowered = name.lower()
-    return any(fnmatch.fnmatchcase(lowered, pattern.lower()) for pattern in patterns)
+    """Does `name` match any of the shell patterns, case-insensitively? (One compiled regex.)"""
+    return _compiled(patterns).match(name.lower()) is not None
 
 
 class FolderWatcher(threading.Thread):
@@ -294,6 +303,11 @@ class FolderWatcher(threading.Thread):
             if signature != entry.signature:
                 self._observe(relpath, info, now)
                 continue
+            if entry.emitted == signature:
+                # Offered before and not taken yet (the daemon may be busy): offer it again
+                # as it was, without reading the file again.
+                self._offer(relpath, entry, entry.verdict, entry.reason, now)
+                continue
             if entry.incomplete_since is not None and now - entry.incomplete_since >= self.rule.incomplete_timeout:
                 self._offer(relpath, entry, "incomplete", entry.incomplete_reason, now)
                 continue
@@ -314,6 +328,7 @@ class FolderWatcher(threading.Thread):
     def _offer(self, relpath: str, entry: _Entry, verdict: str, reason: str, now: float) -> None:
         entry.emitted = entry.signature
         entry.emitted_at = now
+        entry.verdict, entry.reason = verdict, reason
         self._push(relpath, entry)
         if self._initial is not None:
             self._initial.discard(relpath)

@@ -7,7 +7,20 @@ import random
 
 import pytest
 
-from folderd.limiter import RateLimiter
+from folderd import limiter as limiter_module
+
+
+def RateLimiter(rpm: int, burst: int = 1, clock: object = None) -> limiter_module.RateLimiter:  # noqa: N802
+    """The GCRA itself, without the daemon's 2 % safety margin, so spacings are exact here."""
+    return limiter_module.RateLimiter(rpm, burst, clock, margin=1.0)  # type: ignore[arg-type]
+
+
+def test_default_margin_spaces_calls_two_percent_wider() -> None:
+    """The daemon's limiter keeps 2 % under the budget: 60 rpm means one call every 1.02 s."""
+    clock = FakeClock()
+    limiter = limiter_module.RateLimiter(60, 1, clock)
+    assert limiter.try_acquire()
+    assert limiter.wait_time() == pytest.approx(1.02)
 
 
 class FakeClock:
