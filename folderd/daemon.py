@@ -105,7 +105,7 @@ class Daemon:
         self.rules: dict[str, FolderRule] = {rule.name: rule for rule in config.folders}
         self.events: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         fsync = self.environ.get("FOLDERD_UNSAFE_NO_FSYNC") != "1"
-        self.ledger = Ledger(config.state_dir, fsync=fsync)
+        self.ledger = Ledger(config.state_dir, fsync=fsync, keep_finished_encoded=True)
         self.scratch = config.state_dir / "tmp"
         self.limiter = RateLimiter(config.clipdrop.requests_per_minute, config.clipdrop.burst, clock)
         self.client: Client | None = None
@@ -142,7 +142,8 @@ class Daemon:
         self.held: dict[str, str] = {}          # job id -> why a credit cap holds it
         self.next_held_check = 0.0
         self.low_balance_warned = False
-        self.results: dict[tuple[str, str], str] = {}   # (input sha256, recipe) -> job id of a delivered result
+        # (input sha256, recipe) -> (job id, output path, output sha256) of a delivered result
+        self.results: dict[tuple[str, str], tuple[str, str, str]] = {}
         self.progress = Progress(sys.stderr) if once else None
         # Fault injection for the crash tests: FOLDERD_CRASH_AFTER=STATE:N kills the process
         # with SIGKILL right after the N-th entry into STATE has been made durable.
@@ -334,7 +335,7 @@ class Daemon:
                 job = adopt_orphan(path, relpath, rule.name)
                 log.warning("found a claimed file the ledger did not record (a crash mid-claim); taking it up", folder=rule.name, file=relpath)
                 self.ledger.put(job)
-        for job in list(self.ledger.jobs.values()):
+        for job in self.ledger.all_jobs():
             self._count(None, job["state"])
             if job["state"] == "archived":
                 self._remember_result(job)
@@ -521,8 +522,8 @@ class Daemon:
         if state == "claimed":
             return "prepare", steps.prepare
         if state == "prepared" and job.get("dedupe_from"):
-            earlier = self.ledger.jobs.get(job["dedupe_from"], {})
-            return "copy", lambda context, job: steps.copy_result(context, job, earlier.get("output"), earlier.get("output_sha256"))
+            _, output, output_sha256 = self.results.get((job["sha256"], self._recipe(job)), ("", "", ""))
+            return "copy", lambda context, job: steps.copy_result(context, job, output or None, output_sha256 or None)
         if state in ("prepared", "submitting"):
             if job.get("mode") == "local":
                 return "local", steps.run_local
@@ -678,8 +679,8 @@ class Daemon:
         job.update(updates)
         if step == "prepare" and self.rules[job["folder"]].dedupe:
             earlier = self.results.get((job["sha256"], self._recipe(job)))
-            if earlier and earlier != job["id"]:
-                job["dedupe_from"] = earlier
+            if earlier and earlier[0] != job["id"]:
+                job["dedupe_from"] = earlier[0]
         if step == "copy" and job.get("dedupe_from") and "output_tmp" not in updates:
             # The earlier result is gone or changed: make it afresh.
             log.info("earlier identical result is gone; upscaling again", job_id=job["id"], file=job["source"])
@@ -701,7 +702,7 @@ class Daemon:
 
     def _remember_result(self, job: dict[str, Any]) -> None:
         if job.get("output") and job.get("output_sha256") and job.get("sha256") and job.get("target") and job["folder"] in self.rules:
-            self.results[(job["sha256"], self._recipe(job))] = job["id"]
+            self.results[(job["sha256"], self._recipe(job))] = (job["id"], job["output"], job["output_sha256"])
 
     def _hold_if_capped(self, job: dict[str, Any]) -> bool:
         """Keep a submit back while it would cross a credit cap; say so once per job."""

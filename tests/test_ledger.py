@@ -12,7 +12,7 @@ import pytest
 
 from folderd import ledger as ledger_module
 from folderd.errors import StateError
-from folderd.ledger import JOURNAL, SNAPSHOT, Ledger, decode_lines, encode_line, read_only
+from folderd.ledger import JOURNAL, SNAPSHOT, Ledger, decode_lines, encode_line, read_only, read_snapshot
 
 
 def job(job_id: str, state: str = "claimed", **fields: Any) -> dict[str, Any]:
@@ -230,10 +230,10 @@ def test_decode_lines_reports_valid_bytes(tmp_path: Path) -> None:
 def test_damaged_snapshot_is_a_clear_state_error(tmp_path: Path) -> None:
     """A snapshot damaged from outside (it is only ever replaced by rename) refuses to load with a message, no guessing."""
     _ledger_with_three_jobs(tmp_path)
-    (tmp_path / SNAPSHOT).write_text('{"version": 1, "jobs": {')
+    (tmp_path / SNAPSHOT).write_text('{"version": 2, "seq": 0, "meta": {}}\n{"id": "a", "sta')
     with pytest.raises(StateError, match=f"{SNAPSHOT} is unreadable"):
         reload(tmp_path)
-    (tmp_path / SNAPSHOT).write_text('{"version": 99, "seq": 0, "jobs": {}}')
+    (tmp_path / SNAPSHOT).write_text('{"version": 99, "seq": 0, "meta": {}}\n')
     with pytest.raises(StateError, match="has version 99"):
         reload(tmp_path)
 
@@ -253,7 +253,7 @@ def test_compaction_keeps_every_job_and_empties_the_journal(tmp_path: Path) -> N
     seq = ledger.seq
     ledger.compact()
     assert (tmp_path / JOURNAL).read_bytes() == b""
-    snapshot = json.loads((tmp_path / SNAPSHOT).read_bytes())
+    snapshot = read_snapshot(tmp_path / SNAPSHOT)
     assert snapshot["seq"] == seq and len(snapshot["jobs"]) == 50
     loaded = reload(tmp_path)
     assert set(loaded.jobs) == {f"j{index}" for index in range(50)}
@@ -299,29 +299,70 @@ def test_stale_journal_lines_are_not_replayed_over_a_newer_snapshot(tmp_path: Pa
     assert final.jobs["b"]["state"] == "failed" and final.jobs["a"]["state"] == "archived" and final.seq == 6
 
 
-def test_flush_compacts_automatically_when_the_journal_grows(tmp_path: Path) -> None:
-    """Once the journal passes max(MIN_COMPACT_LINES, 2 x jobs) lines, flush() compacts; nothing is lost or replayed twice."""
+def test_flush_compacts_automatically_when_the_journal_grows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once the journal outgrows max(MIN_COMPACT_BYTES, the snapshot), flush() compacts; nothing is lost or replayed twice."""
+    monkeypatch.setattr(ledger_module, "MIN_COMPACT_BYTES", 20_000)
     ledger = Ledger(tmp_path, fsync=False)
     ledger.load()
     ledger.open_for_writing()
     ledger.put(job("counter", "claimed", count=0))
     ledger.put(job("other"))
     ledger.flush()
-    total = ledger_module.MIN_COMPACT_LINES + 5
+    total = 2005
     for count in range(1, total + 1):
         ledger.put(job("counter", "claimed", count=count))
         if count % 100 == 0:
             ledger.flush()
     ledger.flush()
-    lines = len(journal_lines(tmp_path))
-    assert lines < ledger_module.MIN_COMPACT_LINES, "the journal was never compacted"
-    snapshot = json.loads((tmp_path / SNAPSHOT).read_bytes())
+    size = (tmp_path / JOURNAL).stat().st_size
+    assert size < 20_000, "the journal was never compacted"
+    snapshot = read_snapshot(tmp_path / SNAPSHOT)
     assert snapshot["seq"] > 0 and "counter" in snapshot["jobs"]
     ledger.close()
     loaded = reload(tmp_path)
     assert loaded.jobs["counter"]["count"] == total
     assert set(loaded.jobs) == {"counter", "other"}
     assert loaded.seq == total + 2
+
+
+def test_daemon_ledger_keeps_finished_jobs_encoded(tmp_path: Path) -> None:
+    """With keep_finished_encoded, a finished job leaves `jobs` for a compact line in `finished`; get() and all_jobs() still return it, and it survives a reload."""
+    ledger = Ledger(tmp_path, fsync=False, keep_finished_encoded=True)
+    ledger.load()
+    ledger.open_for_writing()
+    ledger.put(job("live", "claimed"))
+    ledger.put(job("done", "archived"))
+    ledger.flush()
+    assert set(ledger.jobs) == {"live"} and set(ledger.finished) == {"done"}
+    assert isinstance(ledger.finished["done"], bytes)
+    assert ledger.get("done")["state"] == "archived" and ledger.get("nope") is None
+    assert {item["id"] for item in ledger.all_jobs()} == {"live", "done"}
+    ledger.compact()
+    ledger.close()
+    again = Ledger(tmp_path, keep_finished_encoded=True)
+    again.load()
+    assert set(again.jobs) == {"live"} and again.get("done")["state"] == "archived"
+    assert reload(tmp_path).jobs["done"]["state"] == "archived"
+
+
+def test_torn_tail_is_cut_before_new_lines_are_appended(tmp_path: Path) -> None:
+    """A start after a torn last line cuts it off before appending, so lines written afterwards are read at the next load."""
+    ledger = Ledger(tmp_path, fsync=False)
+    ledger.load()
+    ledger.open_for_writing()
+    ledger.put(job("a", "claimed"))
+    ledger.flush()
+    ledger.close()
+    with open(tmp_path / JOURNAL, "ab") as handle:
+        handle.write(b'{"seq": 99, "job": {"id": "x"')  # a power cut mid-write
+    second = Ledger(tmp_path, fsync=False)
+    second.load()
+    assert second.dropped_lines == 1
+    second.open_for_writing()
+    second.put(job("b", "claimed"))
+    second.flush()
+    second.close()
+    assert set(reload(tmp_path).jobs) == {"a", "b"}
 
 
 # --------------------------------------------------------------------------- the lock
