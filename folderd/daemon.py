@@ -34,7 +34,7 @@ from folderd.config import Config, FolderRule, load, read_api_key
 from folderd.credits import Spending
 from folderd.deliver import archive, deliver, fail, write_status_file
 from folderd.errors import ApiError, ConfigError, DurabilityError, ImageError
-from folderd.fsutil import DURABILITY_ERRNOS
+from folderd.fsutil import DURABILITY_ERRNOS, TEMP_PREFIX
 from folderd.ledger import TERMINAL_STATES, Ledger
 from folderd.limiter import RateLimiter
 from folderd.notify import Notifier
@@ -335,6 +335,7 @@ class Daemon:
                 job = adopt_orphan(path, relpath, rule.name)
                 log.warning("found a claimed file the ledger did not record (a crash mid-claim); taking it up", folder=rule.name, file=relpath)
                 self.ledger.put(job)
+        self._remove_stale_temp_files()
         for job in self.ledger.all_jobs():
             self._count(None, job["state"])
             if job["state"] == "archived":
@@ -357,6 +358,23 @@ class Daemon:
             if self.progress is not None:
                 self.progress.total += 1
             self._schedule(job)
+
+    def _remove_stale_temp_files(self) -> None:
+        """Hidden temp files a crash left in outbox, done and failed: none is a user's file
+        (all start with the temp prefix), and only a fetched job's result is still needed."""
+        keep = {job.get("output_tmp") for job in self.ledger.jobs.values() if job.get("state") == "fetched"}
+        for rule in self.config.folders:
+            for top in (rule.outbox, rule.done, rule.failed):
+                walk = os.walk(top) if rule.recursive else [(str(top), [], os.listdir(top) if top.is_dir() else [])]
+                for directory, _subdirs, names in walk:
+                    for name in names:
+                        path = os.path.join(directory, name)
+                        if name.startswith(TEMP_PREFIX) and path not in keep:
+                            try:
+                                os.unlink(path)
+                                log.info("removed a temporary file left by an interrupted step", path=path)
+                            except OSError:
+                                pass
 
     def _shutdown(self) -> None:
         self.notifier.stopping()

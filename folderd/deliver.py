@@ -156,7 +156,7 @@ def fail(rule: FolderRule, job: dict[str, Any]) -> dict[str, Any]:
     stem, suffix = os.path.splitext(name)
     # Choose a name free for both the file and its sidecar; write the sidecar first so that a
     # crash between the two steps leaves a sidecar naming this job, which recovery finds.
-    for candidate in candidate_names(directory, stem, suffix):
+    for candidate in candidate_names(directory, stem, suffix, reserve=ERROR_SUFFIX):
         sidecar = candidate.with_name(candidate.name + ERROR_SUFFIX)
         if os.path.lexists(candidate) or os.path.lexists(sidecar):
             if not os.path.lexists(candidate) and _sidecar_job(sidecar) == job["id"]:

@@ -111,12 +111,29 @@ def rename_noreplace(source: Path, destination: Path) -> None:
     os.unlink(source)
 
 
-def candidate_names(directory: Path, stem: str, suffix: str) -> Iterator[Path]:
-    """`stem.suffix`, then `stem-1.suffix`, `stem-2.suffix`, ...: never overwrite a file."""
-    yield directory / f"{stem}{suffix}"
+NAME_MAX = 255
+
+
+def _fit(stem: str, tail: str) -> str:
+    """`stem` shortened (at a character boundary) so that stem + tail fits NAME_MAX bytes."""
+    room = NAME_MAX - len(os.fsencode(tail))
+    encoded = os.fsencode(stem)
+    if len(encoded) <= room:
+        return stem
+    return encoded[: max(1, room)].decode("utf-8", "ignore") or "file"
+
+
+def candidate_names(directory: Path, stem: str, suffix: str, reserve: str = "") -> Iterator[Path]:
+    """`stem.suffix`, then `stem-1.suffix`, `stem-2.suffix`, ...: never overwrite a file.
+
+    The stem is shortened where a name (plus `reserve`, e.g. a sidecar's suffix) would pass
+    the filesystem's 255-byte limit, so a long name can always be placed.
+    """
+    yield directory / f"{_fit(stem, suffix + reserve)}{suffix}"
     number = 1
     while True:
-        yield directory / f"{stem}-{number}{suffix}"
+        tail = f"-{number}{suffix}"
+        yield directory / f"{_fit(stem, tail + reserve)}{tail}"
         number += 1
 
 

@@ -28,14 +28,26 @@ from folderd.ledger import LOCK, TERMINAL_STATES, read_only
 QUEUED = {"claimed", "prepared"}
 
 
-def _daemon_pid(config: Config) -> int | None:
+def _daemon_pid(config: Config, locks: str = "/proc/locks") -> int | None:
+    """The pid of the daemon holding the state directory's lock, or None.
+
+    Read from /proc/locks rather than by taking the lock (which could make a daemon that is
+    starting at that moment refuse to start) or by trusting the pid written in the file
+    (a stale pid may belong to another process by now).
+    """
     try:
-        text = (config.state_dir / LOCK).read_text().strip()
-        pid = int(text)
-        os.kill(pid, 0)
-        return pid
+        info = os.stat(config.state_dir / LOCK)
+        with open(locks, encoding="ascii", errors="replace") as handle:
+            for line in handle:
+                fields = line.split()
+                # "1: FLOCK  ADVISORY  WRITE 1234 fd:01:5678 0 EOF" (the major:minor are hex)
+                if len(fields) >= 6 and fields[1] == "FLOCK" and fields[3] == "WRITE" and fields[5].count(":") == 2:
+                    major, minor, inode = fields[5].split(":")
+                    if int(inode) == info.st_ino and os.makedev(int(major, 16), int(minor, 16)) == info.st_dev:
+                        return int(fields[4])
     except (OSError, ValueError):
         return None
+    return None
 
 
 def collect(config: Config, now: float | None = None) -> dict[str, Any]:
