@@ -25,6 +25,7 @@ from urllib.parse import urljoin, urlsplit
 import requests
 
 from folderd.errors import ApiError
+from folderd.fsutil import remove_if_exists
 from folderd.imaging import MIME, format_of_bytes
 
 SYNC_PATH = "/image-upscaling/v1/upscale"
@@ -268,27 +269,20 @@ class Client:
                 handle.flush()
                 os.fsync(handle.fileno())
         except requests.RequestException as error:
-            _remove(destination)
+            remove_if_exists(destination)
             raise ApiError("transient", f"{what}: the image was cut off ({_short(error)})", maybe_processed=maybe_processed) from None
         except OSError:
-            _remove(destination)
+            remove_if_exists(destination)
             raise
         if (expected is not None and expected.isdigit() and int(expected) != received) or received == 0:
-            _remove(destination)
+            remove_if_exists(destination)
             raise ApiError("transient", f"{what}: the image was cut off ({received} of {expected or '?'} bytes)", maybe_processed=maybe_processed)
         kind = format_of_bytes(head)
         declared = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
         if kind is None or kind not in MIME:
-            _remove(destination)
+            remove_if_exists(destination)
             raise ApiError("transient", f"{what}: the body is not an image (Content-Type {declared or 'missing'})", maybe_processed=maybe_processed)
         return kind
-
-
-def _remove(path: Path) -> None:
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass
 
 
 def _is_connect_error(error: requests.ConnectionError) -> bool:

@@ -39,6 +39,14 @@ def check_durable(error: OSError, what: str) -> None:
         raise DurabilityError(f"{what}: {os.strerror(error.errno or 0)}") from error
 
 
+def remove_if_exists(path: str | os.PathLike[str]) -> None:
+    """Unlink a file that may already be gone (cleaning up after a failed step)."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 def fsync_dir(path: str | os.PathLike[str]) -> None:
     """Make the directory's entries (a rename, a new file) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -73,10 +81,7 @@ def atomic_write(path: Path, data: bytes) -> None:
         write_file(temp, data)
         os.replace(temp, path)
     except BaseException:
-        try:
-            temp.unlink()
-        except FileNotFoundError:
-            pass
+        remove_if_exists(temp)
         raise
     fsync_dir(path.parent)
 
@@ -176,10 +181,7 @@ def move_noclobber(source: Path, directory: Path, name: str) -> Path:
         shutil.copystat(source, temp)
         final = place_noclobber(temp, directory, name)
     except BaseException:
-        try:
-            temp.unlink()
-        except FileNotFoundError:
-            pass
+        remove_if_exists(temp)
         raise
     os.unlink(source)
     fsync_dir(source.parent)

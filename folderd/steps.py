@@ -18,6 +18,7 @@ from folderd.clipdrop import Client, Credits
 from folderd.config import FolderRule
 from folderd.deliver import output_temp, sha256_file
 from folderd.errors import ApiError, ImageError
+from folderd.fsutil import remove_if_exists
 from folderd.imaging import MIME, encode_for_upload, format_of_bytes, probe
 from folderd.routing import ASYNC_FORMATS, MAX_UPLOAD_BYTES, SYNC_FORMATS, route
 
@@ -149,31 +150,21 @@ def copy_result(context: Context, job: dict[str, Any], earlier_output: str | Non
             writer.flush()
             os.fsync(writer.fileno())
     except FileNotFoundError:
-        _discard(temp)
+        remove_if_exists(temp)
         return {"state": "prepared"}
     digest = sha256_file(temp)
     if digest != earlier_sha256:
-        _discard(temp)
+        remove_if_exists(temp)
         return {"state": "prepared"}
     with open(temp, "rb") as handle:
         kind = format_of_bytes(handle.read(64)) or "PNG"
     return {"state": "fetched", "output_tmp": str(temp), "result_format": kind, "output_sha256": digest, "credits_estimate": "0"}
 
 
-def _discard(path: Path) -> None:
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass
-
-
 def remove_upload(job: dict[str, Any]) -> None:
     upload = job.get("upload")
     if upload:
-        try:
-            os.unlink(upload)
-        except FileNotFoundError:
-            pass
+        remove_if_exists(upload)
 
 
 __all__ = ["Context", "prepare", "run_local", "submit_sync", "submit_async", "poll", "fetch", "remove_upload", "ApiError"]
