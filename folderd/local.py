@@ -530,8 +530,6 @@ def _png_chunk(out: BinaryIO, kind: bytes, data: bytes) -> None:
 
 def _png_average_filtered(strip: Image.Image, previous: Image.Image | None) -> Image.Image:
     """PNG filter 3 (Average) of every row of `strip`, bytewise: x - floor((left + up) / 2) mod 256."""
-    from PIL import ImageChops
-
     width, height = strip.size
     left = Image.new(strip.mode, strip.size)
     left.paste(strip.crop((0, 0, width - 1, height)), (1, 0))
