@@ -31,7 +31,7 @@ from folderd.fsutil import (
     temp_path,
     write_file,
 )
-from folderd.imaging import EXTENSION, format_of_bytes
+from folderd.imaging import EXTENSION, JPEG_EXIF_LIMIT, exif_for_output, format_of_bytes
 
 FORMAT_NAMES = {"jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
 ERROR_SUFFIX = ".error.json"
@@ -71,8 +71,9 @@ def convert_output(path: Path, wanted: str, jpeg_quality: int) -> str:
         options: dict[str, Any] = {}
         if info.get("icc_profile"):
             options["icc_profile"] = info["icc_profile"]
-        if info.get("exif"):
-            options["exif"] = info["exif"]
+        exif = exif_for_output(info.get("exif"), image.width, image.height, limit=JPEG_EXIF_LIMIT if target == "JPEG" else None)
+        if exif:
+            options["exif"] = exif
         if target == "JPEG":
             options.update(quality=jpeg_quality, subsampling=0 if jpeg_quality >= 90 else 2)
         elif target == "WEBP":

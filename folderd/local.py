@@ -609,11 +609,7 @@ def upscale(
         try:
             _upscale(source, destination, width, height, strategy, kind, jpeg_quality)
         except MemoryError:
-            _remove(destination)
             raise ImageError(f"{what} ran out of memory") from None
-        except BaseException:
-            _remove(destination)
-            raise
     return kind
 
 
@@ -633,7 +629,17 @@ def _upscale(source: Path, destination: Path, width: int, height: int, strategy:
         image = background
     exif = exif_for_output(decoded.exif, width, height, limit=JPEG_EXIF_LIMIT if kind == "JPEG" else None)
     fd = os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-    with os.fdopen(fd, "wb", buffering=1 << 20) as out:
+    try:
+        _encode(os.fdopen(fd, "wb", buffering=1 << 20), decoded, image, width, height, strategy, kind, jpeg_quality, exif)
+    except BaseException:
+        _remove(destination)  # ours (O_EXCL): no half-written result is left behind
+        raise
+
+
+def _encode(
+    out: BinaryIO, decoded: Decoded, image: Image.Image, width: int, height: int, strategy: str, kind: str, jpeg_quality: int, exif: bytes | None
+) -> None:
+    with out:
         if kind == "JPEG":
             options: dict[str, Any] = {"quality": jpeg_quality, "subsampling": 0 if jpeg_quality >= 90 else 2, "optimize": False}
             if decoded.icc:
@@ -645,14 +651,12 @@ def _upscale(source: Path, destination: Path, width: int, height: int, strategy:
         elif kind == "PNG":
             _write_png(out, render_strips(image, width, height, strategy), width, height, image.mode, decoded.icc, exif)
         else:
-            icc = decoded.icc
             canvas = render(image, width, height, strategy)
-            del image, decoded  # the input is no longer needed while libwebp works
             extra: dict[str, Any] = {"quality": 95, "method": 3}
             if exif:
                 extra["exif"] = exif
-            if icc:
-                extra["icc_profile"] = icc
+            if decoded.icc:
+                extra["icc_profile"] = decoded.icc
             canvas.save(out, "WEBP", **extra)
         out.flush()
         os.fsync(out.fileno())

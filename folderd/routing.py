@@ -73,6 +73,11 @@ def detailed_cost(width: int, height: int) -> Decimal:
     return (Decimal(width * height) / Decimal(1_000_000)).quantize(Decimal("0.01"), rounding=ROUND_HALF_UP)
 
 
+def _unusual(info: ImageInfo) -> bool:
+    """Pixel modes an image service may read wrongly (CMYK, 16-bit and float greyscale): send 8-bit RGB(A) instead."""
+    return info.mode not in ("RGB", "RGBA", "L", "LA", "P", "PA", "1")
+
+
 def route(rule: FolderRule, info: ImageInfo) -> Route:
     """Decide output size and endpoint for `info` under `rule`. Raise ImageError with a reason to refuse."""
     width, height = target_size(rule.target, info.width, info.height)
@@ -90,7 +95,7 @@ def route(rule: FolderRule, info: ImageInfo) -> Route:
         if info.pixels > SYNC_MAX_INPUT_PIXELS:
             raise ImageError(f"the input has {info.pixels:,} pixels; the sync endpoint takes at most {SYNC_MAX_INPUT_PIXELS:,} (use mode auto or async)")
         width, height, clamped = _clamp(width, height, SYNC_MAX_SIDE, exact)
-        convert = info.format not in SYNC_FORMATS or not upright or info.frames > 1 or info.mode == "CMYK" or info.size_bytes > MAX_UPLOAD_BYTES
+        convert = info.format not in SYNC_FORMATS or not upright or info.frames > 1 or _unusual(info) or info.size_bytes > MAX_UPLOAD_BYTES
         return Route(width, height, "sync", "smooth", convert, clamped, "1")
 
     if width > ASYNC_MAX_SIDE or height > ASYNC_MAX_SIDE:
@@ -102,6 +107,6 @@ def route(rule: FolderRule, info: ImageInfo) -> Route:
         clamped = False
     if info.width > ASYNC_MAX_INPUT_SIDE or info.height > ASYNC_MAX_INPUT_SIDE:
         raise ImageError(f"the input is {info.width}x{info.height}; the async endpoint takes at most {ASYNC_MAX_INPUT_SIDE} px a side")
-    convert = info.format not in ASYNC_FORMATS or not upright or info.frames > 1 or info.mode == "CMYK" or info.size_bytes > MAX_UPLOAD_BYTES
+    convert = info.format not in ASYNC_FORMATS or not upright or info.frames > 1 or _unusual(info) or info.size_bytes > MAX_UPLOAD_BYTES
     cost = detailed_cost(width, height) if rule.strategy == "detailed" else Decimal(1)
     return Route(width, height, "async", rule.strategy, convert, clamped, str(cost))

@@ -19,7 +19,7 @@ from folderd.config import FolderRule
 from folderd.deliver import output_temp, sha256_file
 from folderd.errors import ApiError, ImageError
 from folderd.fsutil import remove_if_exists
-from folderd.imaging import MIME, encode_for_upload, format_of_bytes, probe
+from folderd.imaging import MIME, encode_for_upload, format_of_bytes, probe, reattach_metadata
 from folderd.routing import ASYNC_FORMATS, MAX_UPLOAD_BYTES, SYNC_FORMATS, route
 
 
@@ -93,7 +93,9 @@ def run_local(context: Context, job: dict[str, Any]) -> dict[str, Any]:
     temp = _fresh_temp(context, job)
     width, height = job["target"]
     try:
-        kind = local.upscale(Path(job["work"]), temp, width, height, job["strategy"], jpeg_quality=context.rule.jpeg_quality)
+        kind = local.upscale(
+            Path(job["work"]), temp, width, height, job["strategy"], jpeg_quality=context.rule.jpeg_quality, output=context.rule.output_format
+        )
     except BaseException:
         if temp.exists():
             temp.unlink()
@@ -106,6 +108,8 @@ def submit_sync(context: Context, job: dict[str, Any]) -> dict[str, Any]:
     temp = _fresh_temp(context, job)
     width, height = job["target"]
     kind, credits = context.client.upscale_sync(_upload_source(job), job["upload_name"], job["upload_mime"], width, height, temp)
+    # The API's result carries no colour profile or EXIF: put the original's back.
+    reattach_metadata(Path(job["work"]), temp)
     updates = {"state": "fetched", "output_tmp": str(temp), "result_format": kind, "output_sha256": sha256_file(temp)}
     updates.update(_credits(credits))
     return updates
@@ -132,6 +136,7 @@ def fetch(context: Context, job: dict[str, Any]) -> dict[str, Any]:
     url = context.client.result_url(job["task_id"])
     temp = _fresh_temp(context, job)
     kind = context.client.download(url, temp)
+    reattach_metadata(Path(job["work"]), temp)
     return {"state": "fetched", "output_tmp": str(temp), "result_format": kind, "output_sha256": sha256_file(temp)}
 
 
