@@ -665,7 +665,13 @@ class Daemon:
     def _apply(self, step: str, job: dict[str, Any], updates: dict[str, Any]) -> None:
         remaining = updates.pop("_remaining", None)
         if remaining is not None:
-            self.ledger.put_meta(credits_remaining=remaining, credits_reported_at=time.time())
+            # Answers to concurrent calls arrive in any order, and the balance only goes down
+            # between top-ups: a higher figure replaces the last one only once that is a minute old.
+            last = self.ledger.meta.get("credits_remaining")
+            if last is None or Decimal(remaining) <= Decimal(last) or time.time() - self.ledger.meta.get("credits_reported_at", 0) > 60:
+                self.ledger.put_meta(credits_remaining=remaining, credits_reported_at=time.time())
+            else:
+                remaining = None
         if step == "submit" and "credits" not in updates:
             # The API said nothing of the cost: count the estimate rather than nothing.
             updates["credits"] = job.get("credits_estimate", "1")
