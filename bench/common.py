@@ -403,7 +403,7 @@ class Section:
     problems: list[str] = field(default_factory=list)
 
 
-def fmt(value: float, digits: int = 1, unit: str = "") -> str:
+def fmt(value: float | None, digits: int = 1, unit: str = "") -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
     return f"{value:,.{digits}f}{unit}"
