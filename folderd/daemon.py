@@ -142,8 +142,9 @@ class Daemon:
         self.held: dict[str, str] = {}          # job id -> why a credit cap holds it
         self.next_held_check = 0.0
         self.low_balance_warned = False
-        # (input sha256, recipe) -> (job id, output path, output sha256) of a delivered result
-        self.results: dict[tuple[str, str], tuple[str, str, str]] = {}
+        # hash((input sha256, recipe)) -> id of a delivered job with that result. Kept small (an
+        # int and a str per finished job): the job itself is read from the ledger on a hit.
+        self.results: dict[int, str] = {}
         self.progress = Progress(sys.stderr) if once else None
         # Fault injection for the crash tests: FOLDERD_CRASH_AFTER=STATE:N kills the process
         # with SIGKILL right after the N-th entry into STATE has been made durable.
@@ -240,7 +241,13 @@ class Daemon:
                 pass
 
     def _start_watcher(self, rule: FolderRule) -> None:
-        watcher = FolderWatcher(rule, lambda candidate: self.events.put(("candidate", candidate)), once=self.once, clock=self.clock)
+        watcher = FolderWatcher(
+            rule,
+            lambda candidate: self.events.put(("candidate", candidate)),
+            once=self.once,
+            clock=self.clock,
+            room=lambda: len(self.claims) + len(self.deferred) < 2 * self.claim_window,
+        )
         self.watchers[rule.name] = watcher
         if watcher.method == "native":
             try:
@@ -540,8 +547,9 @@ class Daemon:
         if state == "claimed":
             return "prepare", steps.prepare
         if state == "prepared" and job.get("dedupe_from"):
-            _, output, output_sha256 = self.results.get((job["sha256"], self._recipe(job)), ("", "", ""))
-            return "copy", lambda context, job: steps.copy_result(context, job, output or None, output_sha256 or None)
+            earlier = self._earlier_result(job) or {}
+            output, output_sha256 = earlier.get("output"), earlier.get("output_sha256")
+            return "copy", lambda context, job: steps.copy_result(context, job, output, output_sha256)
         if state in ("prepared", "submitting"):
             if job.get("mode") == "local":
                 return "local", steps.run_local
@@ -702,13 +710,13 @@ class Daemon:
             updates["submitted_at"] = time.time()
         job.update(updates)
         if step == "prepare" and self.rules[job["folder"]].dedupe:
-            earlier = self.results.get((job["sha256"], self._recipe(job)))
-            if earlier and earlier[0] != job["id"]:
-                job["dedupe_from"] = earlier[0]
+            earlier = self._earlier_result(job)
+            if earlier is not None:
+                job["dedupe_from"] = earlier["id"]
         if step == "copy" and job.get("dedupe_from") and "output_tmp" not in updates:
             # The earlier result is gone or changed: make it afresh.
             log.info("earlier identical result is gone; upscaling again", job_id=job["id"], file=job["source"])
-            self.results.pop((job["sha256"], self._recipe(job)), None)
+            self.results.pop(hash((job["sha256"], self._recipe(job))), None)
             job.pop("dedupe_from", None)
         self._set_state(job, new_state)
         if new_state == "submitted":
@@ -726,7 +734,15 @@ class Daemon:
 
     def _remember_result(self, job: dict[str, Any]) -> None:
         if job.get("output") and job.get("output_sha256") and job.get("sha256") and job.get("target") and job["folder"] in self.rules:
-            self.results[(job["sha256"], self._recipe(job))] = (job["id"], job["output"], job["output_sha256"])
+            self.results[hash((job["sha256"], self._recipe(job)))] = job["id"]
+
+    def _earlier_result(self, job: dict[str, Any]) -> dict[str, Any] | None:
+        """A delivered job with the same input and recipe as `job` (checked in full), or None."""
+        job_id = self.results.get(hash((job["sha256"], self._recipe(job))))
+        earlier = self.ledger.get(job_id) if job_id and job_id != job["id"] else None
+        if earlier is None or earlier.get("sha256") != job["sha256"] or self._recipe(earlier) != self._recipe(job):
+            return None
+        return earlier
 
     def _hold_if_capped(self, job: dict[str, Any]) -> bool:
         """Keep a submit back while it would cross a credit cap; say so once per job."""

@@ -23,7 +23,7 @@ import re
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,10 +54,11 @@ class Candidate:
     reason: str
 
 
-@dataclass
+@dataclass(slots=True)
 class _Entry:
     signature: Signature
     stable_since: float
+    generation: int = 0
     incomplete_since: float | None = None
     incomplete_reason: str = ""
     emitted: Signature | None = None
@@ -118,6 +119,7 @@ class FolderWatcher(threading.Thread):
         *,
         once: bool = False,
         clock: Callable[[], float] = time.monotonic,
+        room: Callable[[], bool] = lambda: True,
     ) -> None:
         super().__init__(name=f"watch-{rule.name}", daemon=True)
         self.rule = rule
@@ -135,6 +137,11 @@ class FolderWatcher(threading.Thread):
         # Due times in a heap, so a wake-up costs O(log n) with 100,000 files waiting, not O(n).
         # An entry whose due time changes gets a new item; stale items are skipped when popped.
         self._due: list[tuple[float, str]] = []
+        self._generation = 0
+        # The daemon says whether it has room for more candidates; while it has none, settled
+        # files wait here (still in the inbox) and are neither read nor offered.
+        self.room = room
+        self._no_room_until = 0.0
         self._warned: set[str] = set()
         self._initial: set[str] | None = None
         self._ignores = BUILTIN_IGNORES + rule.ignore
@@ -205,27 +212,27 @@ class FolderWatcher(threading.Thread):
         info = os.stat(inbox)
         if not stat.S_ISDIR(info.st_mode):
             raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(inbox))
-        seen: dict[str, os.stat_result] = {}
-        self._walk(inbox, "", seen)
+        # Entries are observed as the scan streams them (no list of 100,000 stat results in
+        # memory); those not seen in this scan, by generation, are gone.
+        self._generation += 1
         now = self.clock()
+        first = self.once and self._initial is None
+        initial: set[str] = set()
+        for relpath, item in iter_inbox(self.rule, self._acceptable):
+            if first:
+                initial.add(relpath)
+            elif self.once and relpath not in (self._initial or ()):
+                continue
+            self._observe(relpath, item, now)
         if self.unavailable is not None:
             log.info("inbox available again", folder=self.rule.name, inbox=str(inbox))
             self.unavailable = None
-        for relpath in list(self._entries):
-            if relpath not in seen:
-                del self._entries[relpath]
-        if self.once:
-            if self._initial is None:
-                self._initial = set(seen)
-            seen = {relpath: item for relpath, item in seen.items() if relpath in self._initial}
-            self._initial &= set(seen)
-        for relpath, item in seen.items():
-            self._observe(relpath, item, now)
+        for relpath in [relpath for relpath, entry in self._entries.items() if entry.generation != self._generation]:
+            del self._entries[relpath]
+        if first:
+            self._initial = initial
         self.last_scan = time.time()
         self._update_initial()
-
-    def _walk(self, directory: Path, prefix: str, seen: dict[str, os.stat_result]) -> None:
-        seen.update(walk_inbox(self.rule, self._acceptable, directory, prefix))
 
     def _acceptable(self, relpath: str, info: os.stat_result) -> bool:
         """Only regular files with one link: a planted symlink or hard link could expose another file."""
@@ -263,9 +270,11 @@ class FolderWatcher(threading.Thread):
         signature = (info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino)
         entry = self._entries.get(relpath)
         if entry is None:
-            entry = self._entries[relpath] = _Entry(signature, now)
+            entry = self._entries[relpath] = _Entry(signature, now, self._generation)
             self._push(relpath, entry)
-        elif entry.signature != signature:
+            return
+        entry.generation = self._generation
+        if entry.signature != signature:
             entry.signature = signature
             entry.stable_since = now
             entry.incomplete_since = None
@@ -284,11 +293,14 @@ class FolderWatcher(threading.Thread):
         heapq.heappush(self._due, (self._due_time(entry), relpath))
 
     def _next_due(self) -> float:
-        return self._due[0][0] if self._due else float("inf")
+        return max(self._due[0][0], self._no_room_until) if self._due else float("inf")
 
     def _check_due(self) -> None:
         now = self.clock()
         while self._due and self._due[0][0] <= now:
+            if not self.room():
+                self._no_room_until = now + 0.25
+                break
             _, relpath = heapq.heappop(self._due)
             entry = self._entries.get(relpath)
             if entry is None or self._due_time(entry) > now:
@@ -357,19 +369,23 @@ def unsafe_reason(info: os.stat_result) -> str | None:
     return None
 
 
-def walk_inbox(
+def walk_inbox(rule: FolderRule, accept: Callable[[str, os.stat_result], bool] | None = None) -> dict[str, os.stat_result]:
+    """Every file of the inbox that the rule includes and does not ignore: {relpath: lstat}."""
+    return dict(iter_inbox(rule, accept))
+
+
+def iter_inbox(
     rule: FolderRule,
     accept: Callable[[str, os.stat_result], bool] | None = None,
     directory: Path | None = None,
     prefix: str = "",
-) -> dict[str, os.stat_result]:
-    """Every file of the inbox that the rule includes and does not ignore: {relpath: lstat}.
+) -> Iterator[tuple[str, os.stat_result]]:
+    """Yield (relpath, lstat) for every file of the inbox that the rule includes and does not ignore.
 
     `accept(relpath, info)` filters further (default: only safe regular files).
     """
     ignores = BUILTIN_IGNORES + rule.ignore
     accept = accept or (lambda _relpath, info: unsafe_reason(info) is None)
-    found: dict[str, os.stat_result] = {}
     with os.scandir(directory or rule.inbox) as entries:
         for entry in entries:
             name = entry.name
@@ -382,11 +398,10 @@ def walk_inbox(
                 continue
             if stat.S_ISDIR(info.st_mode):
                 if rule.recursive:
-                    found.update(walk_inbox(rule, accept, Path(entry.path), relpath + "/"))
+                    yield from iter_inbox(rule, accept, Path(entry.path), relpath + "/")
                 continue
             if matches(name, rule.include) and accept(relpath, info):
-                found[relpath] = info
-    return found
+                yield relpath, info
 
 
 def make_handler(watcher: FolderWatcher) -> Any:
