@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog
@@ -22,15 +23,28 @@ def _reset_logging() -> Iterator[None]:
 
 
 @pytest.fixture
-def fake() -> Iterator[FakeClipdrop]:
-    """A fake Clipdrop API on loopback that knows the canary key, with 1000 credits."""
-    server = FakeClipdrop(keys={CANARY_KEY: 1000}, async_duration=0.3)
-    server.start()
-    try:
-        yield server
-    finally:
+def start_fake() -> Iterator[Callable[..., FakeClipdrop]]:
+    """Start fake Clipdrop APIs on loopback that know the canary key (1000 credits); each is
+    stopped at teardown and must have seen no error of its own."""
+    servers: list[FakeClipdrop] = []
+
+    def start(**options: Any) -> FakeClipdrop:
+        server = FakeClipdrop(**{"keys": {CANARY_KEY: 1000}, **options})
+        server.start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
         server.stop()
-    assert server.errors() == [], server.errors()
+    for server in servers:
+        assert server.errors() == [], server.errors()
+
+
+@pytest.fixture
+def fake(start_fake: Callable[..., FakeClipdrop]) -> FakeClipdrop:
+    """A fake Clipdrop API whose async tasks take 0.3 s."""
+    return start_fake(async_duration=0.3)
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,15 +66,9 @@ def short_dir() -> Iterator[Path]:
 
 
 @pytest.fixture
-def slow_fake() -> Iterator[FakeClipdrop]:
+def slow_fake(start_fake: Callable[..., FakeClipdrop]) -> FakeClipdrop:
     """A fake API whose async tasks take long enough to sit in 'submitted' until released."""
-    server = FakeClipdrop(keys={CANARY_KEY: 1000}, async_duration=60.0)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-    assert server.errors() == [], server.errors()
+    return start_fake(async_duration=60.0)
 
 
 @pytest.fixture
