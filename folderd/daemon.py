@@ -38,7 +38,9 @@ from folderd.fsutil import DURABILITY_ERRNOS, TEMP_PREFIX
 from folderd.ledger import TERMINAL_STATES, Ledger
 from folderd.limiter import RateLimiter
 from folderd.notify import Notifier
+from folderd.progress import Progress
 from folderd.watch import Candidate, FolderWatcher, make_handler
+from folderd.workers import WorkerPool
 
 log = logs.get("folderd")
 
@@ -50,39 +52,6 @@ STOP_GRACE = 4.0
 IO_RETRIES = 5
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_PAUSED, EXIT_FATAL = 0, 1, 2, 3, 4
-
-
-class WorkerPool:
-    """Daemon threads running steps; outcomes go back to the loop's event queue."""
-
-    def __init__(self, name: str, size: int, events: queue.SimpleQueue[tuple[Any, ...]]) -> None:
-        self.size = size
-        self.busy = 0
-        self._tasks: queue.SimpleQueue[tuple[Callable[[], Any], tuple[Any, ...]] | None] = queue.SimpleQueue()
-        self._events = events
-        for index in range(size):
-            threading.Thread(target=self._work, name=f"{name}-{index}", daemon=True).start()
-
-    @property
-    def free(self) -> int:
-        return self.size - self.busy
-
-    def submit(self, function: Callable[[], Any], tag: tuple[Any, ...]) -> None:
-        self.busy += 1
-        self._tasks.put((function, tag))
-
-    def _work(self) -> None:
-        while True:
-            item = self._tasks.get()
-            if item is None:
-                return
-            function, tag = item
-            try:
-                outcome: Any = function()
-                error: BaseException | None = None
-            except BaseException as caught:  # every outcome goes back to the loop
-                outcome, error = None, caught
-            self._events.put(("done", *tag, outcome, error))
 
 
 class Daemon:
@@ -1084,50 +1053,6 @@ class Daemon:
         elif self.failed_this_run:
             self.exit_code = EXIT_FAILED
         self.events.put(("stop",))
-
-
-class Progress:
-    """`folderd once`: a progress bar on a terminal, a plain log line per finished file otherwise."""
-
-    def __init__(self, stream: Any) -> None:
-        self.stream = stream
-        self.tty = hasattr(stream, "isatty") and stream.isatty()
-        self.total = 0
-        self.done = 0
-        self.credits = Decimal(0)
-        self.started = time.monotonic()
-        self._shown = ""
-
-    def finished(self, job: dict[str, Any]) -> None:
-        self.done += 1
-        self.credits += Decimal(job.get("credits") or "0")
-        if not self.tty:
-            log.info("progress", done=self.done, total=self.total, credits=str(self.credits), eta_seconds=self.eta())
-
-    def eta(self) -> float | None:
-        if not self.done or self.total <= self.done:
-            return None
-        return round((time.monotonic() - self.started) / self.done * (self.total - self.done), 1)
-
-    def show(self, waiting: int) -> None:
-        if not self.tty:
-            return
-        total = max(self.total + waiting, 1)
-        width = 30
-        filled = int(width * self.done / total)
-        eta = self.eta()
-        eta_text = f"ETA {int(eta // 60)}:{int(eta % 60):02d}" if eta is not None else "ETA --:--"
-        line = f"[{'#' * filled}{'.' * (width - filled)}] {self.done}/{total} files, {self.credits} credits, {eta_text}"
-        if line != self._shown:
-            self._shown = line
-            self.stream.write("\r" + line)
-            self.stream.flush()
-
-    def close(self) -> None:
-        """Leave the final bar on a line of its own, so that what follows (a shell prompt) starts on a new one."""
-        if self._shown:
-            self.stream.write("\r\x1b[K" + self._shown + "\n")
-            self.stream.flush()
 
 
 def _bind_claim(rule: FolderRule, candidate: Candidate, daemon_id: str) -> Callable[[], dict[str, Any]]:

@@ -17,9 +17,8 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any
-
 from decimal import Decimal
+from typing import Any
 
 from folderd.config import Config
 from folderd.credits import Spending
