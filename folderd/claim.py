@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from folderd.errors import FolderdError
-from folderd.fsutil import fsync_dir, same_file
+from folderd.fsutil import same_file
 from folderd.watch import WORK_DIR, Signature
 
 SEPARATOR = "~"
@@ -195,6 +195,3 @@ def adopt_orphan(path: Path, relpath: str, folder: str) -> dict[str, Any]:
         "recovered": True,
     }
 
-
-def ensure_durable_dir(path: Path) -> None:
-    fsync_dir(path)

@@ -22,7 +22,7 @@ from typing import Any
 
 from folderd.config import Config
 from folderd.credits import Spending
-from folderd.ledger import LOCK, TERMINAL_STATES, read_only
+from folderd.ledger import LOCK, read_only
 
 QUEUED = {"claimed", "prepared"}
 
@@ -158,4 +158,4 @@ def render(document: dict[str, Any], now: float | None = None) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["collect", "render", "TERMINAL_STATES"]
+__all__ = ["collect", "render"]

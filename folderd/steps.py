@@ -84,8 +84,7 @@ def _upload_source(job: dict[str, Any]) -> Path:
 
 def _fresh_temp(context: Context, job: dict[str, Any]) -> Path:
     temp = output_temp(context.rule, job)
-    if temp.exists():
-        temp.unlink()
+    remove_if_exists(temp)
     return temp
 
 
@@ -97,8 +96,7 @@ def run_local(context: Context, job: dict[str, Any]) -> dict[str, Any]:
             Path(job["work"]), temp, width, height, job["strategy"], jpeg_quality=context.rule.jpeg_quality, output=context.rule.output_format
         )
     except BaseException:
-        if temp.exists():
-            temp.unlink()
+        remove_if_exists(temp)
         raise
     return {"state": "fetched", "output_tmp": str(temp), "result_format": kind, "output_sha256": sha256_file(temp)}
 

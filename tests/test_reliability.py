@@ -246,13 +246,15 @@ def _fill(directory: Path) -> Path:
 
 
 def _where_is(setup: Setup, originals: dict[str, Original]) -> dict[str, list[str]]:
-    """Every place each input's content is now (inbox, work area, done, failed)."""
+    """Every place each input's content is now (inbox, work area, done, failed). Hidden
+    `.folderd-*` temp files (a copy not yet given its name) are not places: the next start
+    removes them."""
     found: dict[str, list[str]] = {sha: [] for sha in originals}
     for index in range(len(setup.names)):
         for kind in ("inbox", "done", "failed"):
             root = setup.path(kind, index)
             for path in root.rglob("*") if root.exists() else []:
-                if path.is_file() and not path.name.startswith(".filler"):
+                if path.is_file() and not path.name.startswith((".filler", ".folderd-")):
                     digest = sha256_bytes(path.read_bytes())
                     if digest in found:
                         found[digest].append(f"{kind}/{path.relative_to(root)}")
